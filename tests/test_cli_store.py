@@ -1,0 +1,119 @@
+"""cli.py for the store: every command has --help; bad input is one `error:` line and a non-zero exit."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from cli import cli, run_cli
+from pipeline.errors import UserError
+from pipeline.samplers import EPISODE_TYPES
+
+ROOT = Path(__file__).parents[1]
+
+
+def invoke(capsys, *args: str) -> tuple[int, str, str]:
+    code = run_cli(cli, list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_error_line(code: int, err: str, expected: str) -> None:
+    assert code != 0
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert expected in err, err
+    assert "Traceback" not in err
+
+
+def command_paths(group: click.Group, prefix=()):
+    for name, command in group.commands.items():
+        yield (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from command_paths(command, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", [(), *command_paths(cli)], ids=lambda p: " ".join(p) or "cli")
+def test_every_command_has_help(capsys, path):
+    code, out, _ = invoke(capsys, *path, "--help")
+    assert code == 0 and out.startswith("Usage: cli.py")
+
+
+def test_generate_verify_publish(tmp_path, capsys):
+    out = tmp_path / "shards"
+    args = ["generate", "--episode_type", "ME", "--num_episodes", "12", "--shard_size", "5", "--out", str(out),
+            "--no_progress"]
+    code, stdout, _ = invoke(capsys, *args)
+    store = out / "ME"
+    assert (code, stdout) == (0, f"{store}\n")
+    code, _, err = invoke(capsys, *args)
+    assert code == 0 and "identical, nothing to do" in err
+    code, _, err = invoke(capsys, *args[:4], "13", *args[5:])
+    assert_one_error_line(code, err, "pass --overwrite")
+    assert invoke(capsys, "verify", "--store", str(store))[:2] == (0, f"{store}: ok\n")
+    code, stdout, _ = invoke(capsys, "publish", "--store", str(store), "--to", str(tmp_path / "export"))
+    assert code == 0 and (tmp_path / "export" / "data" / "train-00000-of-00001.parquet").is_file()
+
+
+def test_verify_lists_problems_and_exits_1(tmp_path, capsys):
+    out = tmp_path / "shards"
+    invoke(capsys, "generate", "--episode_type", "ME", "--num_episodes", "12", "--shard_size", "5",
+           "--out", str(out), "--no_progress")
+    store = out / "ME"
+    (store / "train-000001.tar").unlink()
+    (store / "train-000002.tar").write_bytes(b"x" * 2048)
+    code, stdout, err = invoke(capsys, "verify", "--store", str(store))
+    assert code == 1
+    lines = stdout.splitlines()
+    assert lines[0] == "train-000001.tar: missing"
+    assert any(line.startswith("train-000002.tar: sha256") for line in lines)
+    assert_one_error_line(code, err, f"{store}: {len(lines)} problem(s)")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["generate", "--episode_type", "nope"], "choose one of: " + ", ".join(EPISODE_TYPES)),
+    (["generate", "--episode_type", "ME", "--num_episodes", "0"], "--num_episodes must be a positive integer"),
+    (["generate", "--episode_type", "ME", "--num_episodes", "many"], "'many' is not a valid integer"),
+    (["generate"], "Missing option '--episode_type'"),
+    (["generate", "--episode_type", "ME", "--bogus"], "--bogus"),
+    (["verify"], "Missing option '--store'"),
+    (["publish", "--store", "x"], "exactly one of --to DIR or --repo_id USER/NAME"),
+    (["publish", "--store", "x", "--repo_id", "nobody"], "USER/NAME"),
+    (["scan", "export", "--split", "nope", "--out", "x"], "'nope' is not one of"),
+])
+def test_bad_input_is_one_error_line(capsys, args, expected):
+    code, _, err = invoke(capsys, *args)
+    assert_one_error_line(code, err, expected)
+
+
+def test_unwritable_out_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code, _, err = invoke(capsys, "generate", "--episode_type", "ME", "--out", str(tmp_path / "file" / "x"))
+    assert_one_error_line(code, err, "cannot write the store")
+
+
+def test_user_error_oserror_and_interrupt_become_one_line(capsys):
+    """The handler that train/eval will share, on a throwaway group."""
+    @click.group()
+    def group():
+        pass
+
+    @group.command()
+    @click.argument("what")
+    def fail(what):
+        raise {"user": UserError("bad\nthing"), "os": FileNotFoundError(2, "No such file", "f.pt"),
+               "interrupt": KeyboardInterrupt()}[what]
+
+    for what, expected, code in (("user", "error: bad | thing", 1), ("os", "error: No such file: f.pt", 1),
+                                 ("interrupt", "error: interrupted", 130)):
+        assert run_cli(group, ["fail", what]) == code
+        assert capsys.readouterr().err.splitlines()[-1] == expected
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "cli.py", "generate", "--episode_type", "nope", "--out",
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: unknown episode type 'nope'") and result.stderr.count("\n") == 1
