@@ -65,6 +65,68 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
     click.echo(run_publish(store, to=to, repo_id=repo_id))
 
 
+@cli.command()
+@click.option("--episode_type", default="ME", show_default=True, metavar="|".join(EPISODE_TYPES))
+@click.option("--store", default=None, help="Episode store [default: shards/<episode_type>].")
+@click.option("--num_episodes", type=int, default=10000, show_default=True, help="Training episodes in all.")
+@click.option("--batch_size", type=int, default=None,
+              help="Episodes per optimizer step, all processes together [default: see README]. 1 = the paper.")
+@click.option("--lr", type=float, default=None, help="Adam learning rate [default: see README].")
+@click.option("--lr_decay_schedule", type=int, default=5000, show_default=True,
+              help="Multiply the learning rate by 0.1 every this many episodes.")
+@click.option("--nlayers", type=int, default=2, show_default=True)
+@click.option("--emb_size", type=int, default=200, show_default=True)
+@click.option("--dropout", type=float, default=0.5, show_default=True)
+@click.option("--max_length_eval", type=int, default=50, show_default=True, help="Greedy decoding limit.")
+@click.option("--fn_out_model", default="", help="Checkpoint file name [default: net_<episode_type>.pt].")
+@click.option("--dir_model", default="out_models", show_default=True)
+@click.option("--disable_memory", is_flag=True, help="Ablation: plain seq2seq that ignores the support set.")
+@click.option("--disable_attention", is_flag=True, help="Ablation: decoder without attention.")
+@click.option("--disable_recon_loss", is_flag=True, help="Do not add the support items as queries.")
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes [default: see README].")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint at dir_model/fn_out_model.")
+@click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16"]),
+              help="bf16 autocast (CUDA only).")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
+@click.option("--no_generate", is_flag=True, help="Fail instead of generating a missing store.")
+@click.option("--progress/--no_progress", default=True, help="Show a progress bar.")
+def train(no_generate: bool, compile_model: bool, **kwargs) -> None:
+    """Train the meta seq2seq model on the episode store; checkpoints go to dir_model."""
+    from trainer.train import TrainConfig, train as run_train  # here: torch is slow to import
+    given = {name: value for name, value in kwargs.items() if value is not None}  # None: TrainConfig's default
+    result = run_train(TrainConfig(generate_missing_store=not no_generate, compile=compile_model, **given))
+    if result.get("checkpoint"):
+        click.echo(f"checkpoint: {result['checkpoint']}")
+
+
+@cli.command("eval")
+@click.option("--checkpoint", required=True, help="A checkpoint written by `train`, e.g. out_models/net_ME.pt.")
+@click.option("--split", default=None, metavar="NAME",
+              help="validation, addprim_jump, template_around_right or length (must fit the checkpoint's "
+                   "episode type). Default: validation and the type's SCAN test split.")
+@click.option("--out", default=None, help="Report directory.  [default: eval_out/<checkpoint stem>]")
+@click.option("--scan_file", default=None, help="Evaluate any file of `IN: ... OUT: ...` lines (needs --support).")
+@click.option("--support", default=None, metavar="SPEC", help='Support set for --scan_file: "jump=I_JUMP,walk=I_WALK".')
+@click.option("--plot", type=int, default=0, show_default=True, metavar="N",
+              help="Attention heatmaps (PNG) of the first N queries of each split.")
+@click.option("--max_length_eval", "max_length", type=int, default=None,
+              help="Greedy decoding steps.  [default: the checkpoint's]")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda")
+@click.option("--store", default=None, help="The episode store, if it moved since training.  [default: the checkpoint's]")
+@click.option("--progress/--no_progress", default=True, help="Show a progress bar.")
+def eval_command(**kwargs) -> None:
+    """Score a checkpoint on its validation episodes and SCAN test split; write DIR/results.json,
+    predictions_<split>.jsonl and (with --plot) attention heatmaps."""
+    from evalsuite.evaluate import EvalConfig, evaluate  # here: it loads torch
+    from evalsuite.report import summary_table
+    cfg = EvalConfig(**kwargs)
+    results = evaluate(cfg)
+    click.echo(summary_table(results))
+    click.echo(f"report: {cfg.out_dir}")
+
+
 @cli.group()
 def scan() -> None:
     """SCAN (Lake & Baroni 2018), generated from its grammar."""

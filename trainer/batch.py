@@ -39,6 +39,10 @@ class EpisodeBatch:
         return EpisodeBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                                for f in fields(self)})
 
+    def take(self, n: int) -> "EpisodeBatch":
+        """The first n episodes."""
+        return EpisodeBatch(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
+
     def pin_memory(self) -> "EpisodeBatch":
         # DataLoader(pin_memory=True) calls this on custom batch types.
         return EpisodeBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})

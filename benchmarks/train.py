@@ -1,0 +1,102 @@
+"""Training throughput (episodes/s) and achieved FLOP/s, printed as JSON.
+
+    python benchmarks/train.py [--types ME scan_prim_augmentation] [--batch_sizes 16] [--device cpu]
+
+For each type it generates a small store in a temp dir, streams it with the real loader (2 workers) and
+times optimizer steps after a warm-up. FLOPs of one step are counted by torch's FlopCounterMode; the
+machine's fp32 matmul peak is measured here too, so the fraction is of this machine, not a datasheet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import store as episode_store  # noqa: E402
+from trainer.data import StreamConfig, Tokenizer, make_loader  # noqa: E402
+from trainer.train import TrainConfig, build_state, train_step  # noqa: E402
+
+
+def matmul_peak_flops(device: torch.device, n: int = 2048, repeats: int = 20) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_flops(state, loss_module, batch, cfg) -> int:
+    with FlopCounterMode(display=False) as counter:
+        train_step(state, loss_module, batch, cfg)
+    return counter.get_total_flops()
+
+
+def bench_type(episode_type: str, batch_size: int, steps: int, workers: int, device: torch.device,
+               root: Path) -> dict:
+    n_episodes = batch_size * (steps + 5)
+    store = episode_store.generate(episode_store.GenerateConfig(
+        episode_type=episode_type, num_episodes=n_episodes, shard_size=max(1, n_episodes // 4),
+        out=str(root), progress=False))
+    manifest = episode_store.load_manifest(store)
+    cfg = TrainConfig(episode_type=episode_type, batch_size=batch_size, store=str(store), workers=workers)
+    state = build_state(cfg, manifest, device)
+    tokenizer = Tokenizer(tuple(manifest["input_vocab"]), tuple(manifest["output_vocab"]))
+    stream = StreamConfig(tuple(str(p) for p in episode_store.shard_paths(store, "train")), batch_size,
+                          tokenizer, workers=workers)
+    batches = iter(make_loader(stream, pin_memory=device.type == "cuda"))
+    loss_module = lambda b: state.model.loss(b)  # noqa: E731
+    for _ in range(3):  # warm-up
+        train_step(state, loss_module, next(batches)[1].to(device), cfg)
+    flops = step_flops(state, loss_module, next(batches)[1].to(device), cfg)
+    sync(device)
+    start, done = time.perf_counter(), 0
+    for _ in range(steps):
+        keys, batch = next(batches)
+        train_step(state, loss_module, batch.to(device, non_blocking=True), cfg)
+        done += len(keys)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"episode_type": episode_type, "batch_size": batch_size, "episodes_per_s": round(done / seconds, 2),
+            "step_gflop": round(flops / 1e9, 3), "achieved_gflop_s": round(flops * steps / seconds / 1e9, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", nargs="+", default=["ME", "scan_prim_augmentation"])
+    parser.add_argument("--batch_sizes", nargs="+", type=int, default=[16])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    peak = matmul_peak_flops(device)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for episode_type in args.types:
+            for batch_size in args.batch_sizes:
+                row = bench_type(episode_type, batch_size, args.steps, args.workers, device, Path(tmp) / str(batch_size))
+                row["fraction_of_matmul_peak"] = round(row["achieved_gflop_s"] * 1e9 / peak, 4)
+                results.append(row)
+    print(json.dumps({"device": str(device), "threads": torch.get_num_threads(),
+                      "fp32_matmul_peak_gflop_s": round(peak / 1e9, 1), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
