@@ -88,7 +88,7 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint at dir_model/fn_out_model.")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16"]),
-              help="bf16 autocast (CUDA only).")
+              help="bf16 autocast of matrix products (CUDA, or a CPU with native bf16).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
 @click.option("--no_generate", is_flag=True, help="Fail instead of generating a missing store.")
 @click.option("--progress/--no_progress", default=True, help="Show a progress bar.")

@@ -53,7 +53,7 @@ class TrainConfig:
     clip: float = 50.0
     val_every: int = 100                  # episodes
     checkpoint_every: int = 1000          # episodes
-    amp: str = "none"                     # "none" or "bf16" (CUDA only)
+    amp: str = "none"                     # "none" or "bf16" autocast
     compile: bool = False
     generate_missing_store: bool = True
     progress: bool = True
@@ -217,7 +217,7 @@ def validate(state: TrainState, val_records: list[dict], tokenizer: Tokenizer, c
 
 
 def train_step(state: TrainState, loss_module: torch.nn.Module, batch, cfg: TrainConfig) -> float:
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    autocast = torch.autocast(batch.query_in.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     with autocast:
         loss = loss_module(batch)
     state.optimizer.zero_grad(set_to_none=True)
