@@ -107,10 +107,16 @@ def test_checkpoint_is_plain_data_with_the_run_metadata(me_store, tmp_path):
 
 
 def test_lr_decays_by_scheduler_without_resetting_adam(me_store, tmp_path):
-    result = run_train(me_store, tmp_path, num_episodes=48, lr_decay_schedule=24)
+    result = run_train(me_store, tmp_path, num_episodes=48, lr_decay_schedule=24, lr=1e-3)
     ckpt = load_checkpoint(Path(result["checkpoint"]))
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.1 ** 2)  # decayed at 24 and 48 episodes
     assert all(s["step"].item() == 6 for s in ckpt["optimizer"]["state"].values())  # Adam never restarted
+
+
+def test_default_lr_is_the_papers_for_one_episode_per_step():
+    assert TrainConfig(batch_size=1).lr == 1e-3
+    assert TrainConfig().batch_size == 8 and TrainConfig().lr == 2e-3
+    assert TrainConfig(batch_size=1, lr=5e-4).lr == 5e-4
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(me_store, tmp_path):
