@@ -49,13 +49,13 @@ def step_flops(state, loss_module, batch, cfg) -> int:
 
 
 def bench_type(episode_type: str, batch_size: int, steps: int, workers: int, device: torch.device,
-               root: Path) -> dict:
+               root: Path, amp: str = "none") -> dict:
     n_episodes = batch_size * (steps + 5)
     store = episode_store.generate(episode_store.GenerateConfig(
         episode_type=episode_type, num_episodes=n_episodes, shard_size=max(1, n_episodes // 4),
         out=str(root), progress=False))
     manifest = episode_store.load_manifest(store)
-    cfg = TrainConfig(episode_type=episode_type, batch_size=batch_size, store=str(store), workers=workers)
+    cfg = TrainConfig(episode_type=episode_type, batch_size=batch_size, store=str(store), workers=workers, amp=amp)
     state = build_state(cfg, manifest, device)
     tokenizer = Tokenizer(tuple(manifest["input_vocab"]), tuple(manifest["output_vocab"]))
     stream = StreamConfig(tuple(str(p) for p in episode_store.shard_paths(store, "train")), batch_size,
@@ -73,16 +73,17 @@ def bench_type(episode_type: str, batch_size: int, steps: int, workers: int, dev
         done += len(keys)
     sync(device)
     seconds = time.perf_counter() - start
-    return {"episode_type": episode_type, "batch_size": batch_size, "episodes_per_s": round(done / seconds, 2),
+    return {"episode_type": episode_type, "batch_size": batch_size, "amp": amp, "episodes_per_s": round(done / seconds, 2),
             "step_gflop": round(flops / 1e9, 3), "achieved_gflop_s": round(flops * steps / seconds / 1e9, 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", nargs="+", default=["ME", "scan_prim_augmentation"])
-    parser.add_argument("--batch_sizes", nargs="+", type=int, default=[16])
+    parser.add_argument("--batch_sizes", nargs="+", type=int, default=[8])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--amp", nargs="+", default=["none"], choices=["none", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -91,9 +92,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for episode_type in args.types:
             for batch_size in args.batch_sizes:
-                row = bench_type(episode_type, batch_size, args.steps, args.workers, device, Path(tmp) / str(batch_size))
-                row["fraction_of_matmul_peak"] = round(row["achieved_gflop_s"] * 1e9 / peak, 4)
-                results.append(row)
+                for amp in args.amp:
+                    row = bench_type(episode_type, batch_size, args.steps, args.workers, device,
+                                     Path(tmp) / f"{batch_size}-{amp}", amp)
+                    row["fraction_of_matmul_peak"] = round(row["achieved_gflop_s"] * 1e9 / peak, 4)
+                    results.append(row)
     print(json.dumps({"device": str(device), "threads": torch.get_num_threads(),
                       "fp32_matmul_peak_gflop_s": round(peak / 1e9, 1), "results": results}, indent=1))
 
