@@ -6,6 +6,7 @@ later (train, eval) get it for free.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -107,18 +108,26 @@ def train(no_generate: bool, compile_model: bool, **kwargs) -> None:
               help="validation, addprim_jump, template_around_right or length (must fit the checkpoint's "
                    "episode type). Default: validation and the type's SCAN test split.")
 @click.option("--out", default=None, help="Report directory.  [default: eval_out/<checkpoint stem>]")
-@click.option("--scan_file", default=None, help="Evaluate any file of `IN: ... OUT: ...` lines (needs --support).")
-@click.option("--support", default=None, metavar="SPEC", help='Support set for --scan_file: "jump=I_JUMP,walk=I_WALK".')
+@click.option("--scan_file", default=None,
+              help="Evaluate any file of `IN: ... OUT: ...` lines (needs --support).")
+@click.option("--support", default=None, metavar="SPEC",
+              help='Support set for --scan_file: "jump=I_JUMP,walk=I_WALK".')
 @click.option("--plot", type=int, default=0, show_default=True, metavar="N",
               help="Attention heatmaps (PNG) of the first N queries of each split.")
 @click.option("--max_length_eval", "max_length", type=int, default=None,
               help="Greedy decoding steps.  [default: the checkpoint's]")
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda")
-@click.option("--store", default=None, help="The episode store, if it moved since training.  [default: the checkpoint's]")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--store", default=None,
+              help="The episode store, if it moved since training.  [default: the checkpoint's]")
 @click.option("--progress/--no_progress", default=True, help="Show a progress bar.")
 def eval_command(**kwargs) -> None:
     """Score a checkpoint on its validation episodes and SCAN test split; write DIR/results.json,
     predictions_<split>.jsonl and (with --plot) attention heatmaps."""
+    # Idle OpenMP threads spin 1,000 rounds before they sleep (libgomp's own choice when oversubscribed), not
+    # 300,000: on a shared CPU the spinning took the cores from the threads doing the work (addprim_jump, E=200,
+    # 2 busy cores: 89-107 s spinning, 15 s not); on an idle CPU it costs 10-15%. Read when torch loads.
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     from evalsuite.evaluate import EvalConfig, evaluate  # here: it loads torch
     from evalsuite.report import summary_table
     cfg = EvalConfig(**kwargs)

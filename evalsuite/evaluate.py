@@ -1,0 +1,234 @@
+"""`cli.py eval`: score a checkpoint on its validation episodes and its SCAN test split, and write a report.
+
+Everything that can fail on bad input (checkpoint, split, store, SCAN file, tokens) is checked before any
+decoding starts, so an error costs nothing and leaves no half-written output behind.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from evalsuite import report
+from evalsuite.decode import DEFAULT_CHUNK_SIZE, decode_shared_support
+from evalsuite.metrics import QueryResult, score_episodes, score_queries
+from evalsuite.splits import (SCAN_FILE, SCAN_TEST_SPLITS, VALIDATION, parse_support, read_scan_file,
+                              scan_test_pairs, splits_for)
+from pipeline.errors import UserError
+from pipeline.shardio import file_sha256
+from pipeline.store import load_manifest, manifest_sha256, shard_paths
+from trainer.checkpoint import load_checkpoint
+from trainer.data import Tokenizer, read_records
+from trainer.evaluate import decode_records, episode_queries
+from trainer.model import MetaSeq2Seq, ModelConfig
+from trainer.train import resolve_device
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str
+    split: str | None = None        # default: the checkpoint's own splits (validation + its SCAN split)
+    out: str | None = None          # default: eval_out/<checkpoint stem>
+    scan_file: str | None = None    # any SCAN-format file, evaluated with `support`
+    support: str | None = None      # "jump=I_JUMP,walk=I_WALK"
+    plot: int = 0                   # attention heatmaps of the first N queries of each split
+    max_length: int | None = None   # default: the checkpoint's max_length_eval
+    device: str = "auto"
+    store: str | None = None        # overrides the store path recorded in the checkpoint
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # queries per pseudo-episode when many share one support set
+    progress: bool = False
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("eval_out") / Path(self.checkpoint).stem
+
+
+@dataclass
+class Episode:
+    support: list[tuple[str, str]]                    # (input, output)
+    queries: list[tuple[str, str]]                    # (input, target)
+    support_ids: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    query_ids: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class SplitTask:
+    name: str
+    episodes: list[Episode]
+    episodic: bool                    # several support sets: report each episode and their mean
+    records: list[dict] | None = None  # validation: decoded by the trainer's own code path
+
+
+@dataclass
+class Loaded:
+    checkpoint: dict
+    model: MetaSeq2Seq
+    tokenizer: Tokenizer
+    device: torch.device
+    max_length: int
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Evaluate, write DIR/results.json, predictions and plots; return the results."""
+    check_config(cfg)
+    ckpt = load_checkpoint(Path(cfg.checkpoint))
+    names = requested_splits(cfg, ckpt.get("episode_type"))
+    loaded = load_model(ckpt, cfg)
+    tasks = [prepare_split(name, loaded, cfg) for name in names]
+    report.check_writable(cfg.out_dir)  # now, not after minutes of decoding
+    results = report.header(cfg.checkpoint, ckpt, loaded.max_length, str(loaded.device))
+    decoded = {}
+    for task in tasks:
+        decoded[task.name], seconds = decode_task(task, loaded, cfg)
+        results["splits"][task.name] = split_scores(task, decoded[task.name], seconds)
+    write_report(cfg, loaded, tasks, decoded, results)
+    return results
+
+
+def write_report(cfg: EvalConfig, loaded: Loaded, tasks: list[SplitTask], decoded: dict, results: dict) -> None:
+    """Only after all decoding: an interrupted run leaves an earlier report whole. results.json goes first
+    and comes back last, so a results.json always describes the predictions and plots beside it."""
+    report.remove_results(cfg.out_dir)
+    for task in tasks:
+        report.write_predictions(cfg.out_dir, task.name, decoded[task.name], task.episodic)
+        if cfg.plot > 0:
+            from evalsuite.plots import plot_split  # matplotlib takes a second to import: only when asked
+            results["splits"][task.name]["plots"] = [p.name for p in plot_split(loaded, task, cfg.plot, cfg.out_dir)]
+    report.write_results(cfg.out_dir, results)
+
+
+def check_config(cfg: EvalConfig) -> None:
+    if (cfg.scan_file is None) != (cfg.support is None):
+        raise UserError("--scan_file and --support go together: the file's queries need a support set")
+    if cfg.scan_file is not None and cfg.split is not None:
+        raise UserError("--split and --scan_file exclude each other")
+    if cfg.plot < 0 or (cfg.max_length is not None and cfg.max_length < 1) or cfg.chunk_size < 1:
+        raise UserError("--plot must be >= 0, and --max_length_eval and the chunk size >= 1")
+
+
+def requested_splits(cfg: EvalConfig, episode_type: str) -> tuple[str, ...]:
+    return (SCAN_FILE,) if cfg.scan_file is not None else splits_for(episode_type, cfg.split)
+
+
+def load_model(ckpt: dict, cfg: EvalConfig) -> Loaded:
+    try:
+        model = MetaSeq2Seq(ModelConfig.from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        tokenizer = Tokenizer(tuple(ckpt["input_vocab"]), tuple(ckpt["output_vocab"]))
+        max_length = cfg.max_length or int(ckpt["train_config"]["max_length_eval"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # another format or model version
+        raise UserError(f"checkpoint {cfg.checkpoint} does not hold a loadable model "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+    device = resolve_device(cfg.device)
+    return Loaded(ckpt, model.to(device).eval(), tokenizer, device, max_length)
+
+
+# ---- preparing the splits (all input checks happen here) -------------------------------------------------
+
+def prepare_split(name: str, loaded: Loaded, cfg: EvalConfig) -> SplitTask:
+    if name == VALIDATION:
+        records = validation_records(loaded.checkpoint, cfg.store)
+        episodes = [Episode(_items(r["support"]), _items(episode_queries(r, support_as_queries=True)))
+                    for r in records]
+        return SplitTask(name, episodes, episodic=True, records=records)
+    if name == SCAN_FILE:
+        return scan_file_task(cfg.scan_file, cfg.support, loaded.tokenizer)
+    split = SCAN_TEST_SPLITS[name]
+    queries = [(p.command, p.actions) for p in scan_test_pairs(name)]
+    if split.support is not None:
+        return SplitTask(name, [encoded(list(split.support), queries, loaded.tokenizer)], episodic=False)
+    return length_task(name, validation_records(loaded.checkpoint, cfg.store), queries, loaded.tokenizer)
+
+
+def length_task(name: str, records: list[dict], queries: list[tuple[str, str]], tokenizer: Tokenizer) -> SplitTask:
+    """Each validation episode's support set in turn, against all the test commands (tokenized once)."""
+    query_ids = encoded([], queries, tokenizer).query_ids
+    episodes = []
+    for record in records:
+        support = encoded(_items(record["support"]), [], tokenizer)
+        episodes.append(Episode(support.support, queries, support.support_ids, query_ids))
+    return SplitTask(name, episodes, episodic=True)
+
+
+def _items(items: list[dict]) -> list[tuple[str, str]]:
+    return [(it["input"], it["output"]) for it in items]
+
+
+def encoded(support: list[tuple[str, str]], queries: list[tuple[str, str]], tokenizer: Tokenizer) -> Episode:
+    support_ids = [(tokenizer.encode_input(i), tokenizer.encode_output(o)) for i, o in support]
+    return Episode(support, queries, support_ids, [tokenizer.encode_input(i) for i, _ in queries])
+
+
+def scan_file_task(path: str, support_spec: str, tokenizer: Tokenizer) -> SplitTask:
+    support = parse_support(support_spec)
+    try:
+        support_ids = [(tokenizer.encode_input(i), tokenizer.encode_output(o)) for i, o in support]
+    except UserError as err:
+        raise UserError(f"--support: {err}") from None
+    queries, query_ids = [], []
+    for number, pair in read_scan_file(path):
+        try:  # the target's tokens too: a target the model cannot write is a mistake in the file
+            query_ids.append(tokenizer.encode_input(pair.command))
+            tokenizer.encode_output(pair.actions)
+        except UserError as err:
+            raise UserError(f"{path} line {number}: {err}") from None
+        queries.append((pair.command, pair.actions))
+    return SplitTask(SCAN_FILE, [Episode(support, queries, support_ids, query_ids)], episodic=False)
+
+
+def validation_records(ckpt: dict, store_override: str | None) -> list[dict]:
+    """The validation episodes of the store the checkpoint was trained on, and only of that store."""
+    if not (store_override or ckpt.get("store")):
+        raise UserError("the checkpoint records no episode store; pass --store PATH")
+    store = Path(store_override or ckpt["store"])
+    if not (store / "manifest.json").is_file():
+        raise UserError(f"no episode store at {store} (the checkpoint was trained on {ckpt.get('store')}); "
+                        "pass --store PATH to point at it")
+    if manifest_sha256(store) != ckpt.get("manifest_sha256"):
+        raise UserError(f"the store {store} is not the one this checkpoint was trained on (its manifest hash "
+                        "differs); pass --store PATH to the right one")
+    expected = {e["name"]: e["sha256"] for e in load_manifest(store)["shards"]}
+    paths = shard_paths(store, "val")
+    for path in paths:
+        if not path.is_file() or file_sha256(path) != expected[path.name]:
+            raise UserError(f"validation shard {path} is missing or damaged "
+                            f"(run `python cli.py verify --store {store}`)")
+    return read_records(paths)
+
+
+# ---- decoding and scoring --------------------------------------------------------------------------------
+
+def decode_task(task: SplitTask, loaded: Loaded, cfg: EvalConfig) -> tuple[list[list[QueryResult]], float]:
+    start = time.perf_counter()
+    if task.records is not None:  # the trainer's validation path, so both report the same numbers
+        with torch.inference_mode():
+            per_episode = decode_records(loaded.model, task.records, loaded.tokenizer, loaded.max_length,
+                                         loaded.device)
+    else:
+        with report.progress_bar(sum(len(e.queries) for e in task.episodes), task.name, cfg.progress) as bar:
+            per_episode = [decode_episode(episode, loaded, cfg, bar.update) for episode in task.episodes]
+    return per_episode, time.perf_counter() - start
+
+
+def decode_episode(episode: Episode, loaded: Loaded, cfg: EvalConfig,
+                   on_chunk: Callable[[int], object] | None = None) -> list[QueryResult]:
+    predictions = decode_shared_support(loaded.model, episode.support_ids, episode.query_ids, loaded.max_length,
+                                        loaded.device, chunk_size=cfg.chunk_size, on_chunk=on_chunk)
+    support_inputs = {i for i, _ in episode.support}
+    return [QueryResult(i, t, loaded.tokenizer.decode_output(p), i in support_inputs)
+            for (i, t), p in zip(episode.queries, predictions)]
+
+
+def split_scores(task: SplitTask, per_episode: list[list[QueryResult]], seconds: float) -> dict:
+    if task.episodic:
+        scores = score_episodes(per_episode)
+        scores = {"n": sum(len(e) for e in per_episode), **scores}
+    else:
+        scores = score_queries(per_episode[0])
+        scores["support"] = [{"input": i, "output": o} for i, o in task.episodes[0].support]
+    split = SCAN_TEST_SPLITS.get(task.name)
+    scores["paper"] = {"accuracy": split.paper, "note": split.paper_note} if split else None
+    return {**scores, "decode_seconds": round(seconds, 3), "predictions": report.predictions_name(task.name)}

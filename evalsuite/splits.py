@@ -1,0 +1,94 @@
+"""What each evaluation split is made of (DESIGN.md, "SCAN test evaluation").
+
+A split is either `validation` (the store's validation episodes, scored as the trainer scores them), one of
+the SCAN test splits (the test commands as queries against a support set), or `scan_file` (any file in the
+SCAN `IN: ... OUT: ...` format, with a support set given on the command line).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import scan
+from pipeline.errors import UserError
+
+VALIDATION = "validation"
+SCAN_FILE = "scan_file"
+
+
+@dataclass(frozen=True)
+class ScanTestSplit:
+    name: str                                  # the SCAN split whose test commands are the queries
+    support: tuple[tuple[str, str], ...] | None  # fixed support; None: each validation episode's support in turn
+    paper: float | None                        # accuracy reported in Lake (2019), as widely cited
+    paper_note: str                            # what that number was reported for
+
+
+SCAN_TEST_SPLITS = {
+    "addprim_jump": ScanTestSplit("addprim_jump", tuple(scan.TRUE_PRIMITIVES.items()), 99.95,
+                                  "add jump, reported for scan_prim_permutation"),
+    "template_around_right": ScanTestSplit(
+        "template_around_right", (("turn left", "I_TURN_LEFT"), ("turn right", "I_TURN_RIGHT")), 98.71,
+        "around right, reported for scan_around_right"),
+    "length": ScanTestSplit("length", None, 16.64, "length, reported for scan_length"),
+}
+
+# The splits each episode type is evaluated on; the default of `--split` is all of them.
+TYPE_SPLITS = {
+    "ME": (VALIDATION,),
+    "scan_prim_permutation": (VALIDATION, "addprim_jump"),
+    "scan_prim_augmentation": (VALIDATION, "addprim_jump"),
+    "scan_around_right": (VALIDATION, "template_around_right"),
+    "scan_length": (VALIDATION, "length"),
+}
+
+
+def splits_for(episode_type: str, requested: str | None) -> tuple[str, ...]:
+    """The splits to evaluate a checkpoint of `episode_type` on; a split that does not fit is an error."""
+    if episode_type not in TYPE_SPLITS:
+        raise UserError(f"the checkpoint's episode type {episode_type!r} has no evaluation splits")
+    allowed = TYPE_SPLITS[episode_type]
+    if requested is None:
+        return allowed
+    if requested not in allowed:
+        raise UserError(f"split {requested!r} does not fit a {episode_type} checkpoint; choose "
+                        f"{' or '.join(allowed)} (or --scan_file with --support)")
+    return (requested,)
+
+
+@functools.lru_cache(maxsize=None)
+def scan_test_pairs(split: str) -> tuple[scan.ScanPair, ...]:
+    """The test commands of a rule-defined SCAN split (those of the official file), in grammar order."""
+    return tuple(scan.split_pairs(split)[1])
+
+
+def parse_support(spec: str) -> list[tuple[str, str]]:
+    """`"jump=I_JUMP,turn left=I_TURN_LEFT"` -> [(input, output), ...]."""
+    pairs = []
+    for item in spec.split(","):
+        source, sep, target = item.partition("=")
+        if not sep or not source.split() or not target.split():
+            raise UserError(f"--support: {item.strip()!r} is not of the form INPUT=OUTPUT "
+                            "(e.g. \"jump=I_JUMP,walk=I_WALK\")")
+        pairs.append((" ".join(source.split()), " ".join(target.split())))
+    return pairs
+
+
+def read_scan_file(path: str) -> list[tuple[int, scan.ScanPair]]:
+    """(line number, pair) of every non-blank line; a malformed line is an error that names it."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    pairs = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            pairs.append((number, scan.parse_line(line)))
+        except ValueError as err:
+            raise UserError(f"{path} line {number}: {err}, got {line.strip()[:80]!r}") from None
+    if not pairs:
+        raise UserError(f"{path}: no `IN: ... OUT: ...` lines")
+    return pairs

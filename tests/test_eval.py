@@ -1,0 +1,321 @@
+"""Tests of `cli.py eval` (evalsuite/): metrics, SCAN test splits, faithfulness to the trainer's validation,
+the report files, the chunked decoder, and one-line errors for bad input.
+
+Models are tiny (E=16-32) and trained once per module; torch runs single-threaded here, which is faster
+for models this small (and steadier on a shared machine).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli import cli, run_cli
+from evalsuite.decode import bucket_order, decode_shared_support, shared_support_batch
+from evalsuite.evaluate import EvalConfig, evaluate
+from evalsuite.metrics import QueryResult, accuracy, score_episodes, score_queries
+from evalsuite.report import summary_table
+from evalsuite.splits import SCAN_TEST_SPLITS, TYPE_SPLITS, parse_support, scan_test_pairs
+from pipeline.errors import UserError
+from pipeline.scan import TRUE_PRIMITIVES
+from trainer.batch import make_batch
+from trainer.checkpoint import load_checkpoint
+from trainer.data import Tokenizer
+from trainer.model import MetaSeq2Seq, ModelConfig
+from trainer.train import TrainConfig, train
+
+ROOT = Path(__file__).parents[1]
+OFFICIAL_SCAN = ROOT.parent / "shared" / "scan"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_checkpoint(root: Path, episode_type: str, num_episodes: int, **kwargs) -> Path:
+    cfg = TrainConfig(episode_type=episode_type, store=str(root / "shards" / episode_type), num_episodes=num_episodes,
+                      workers=0, progress=False, dir_model=str(root / "models"), **kwargs)
+    return Path(train(cfg)["checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def me_checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("me")
+    return make_checkpoint(root, "ME", 400, batch_size=8, emb_size=32, lr=3e-3, dropout=0.0, val_every=100)
+
+
+@pytest.fixture(scope="module")
+def aug_checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("aug")
+    return make_checkpoint(root, "scan_prim_augmentation", 8, batch_size=8, emb_size=16)
+
+
+@pytest.fixture(scope="module")
+def length_checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("length")
+    return make_checkpoint(root, "scan_length", 8, batch_size=8, emb_size=16)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------
+
+def q(target: str, prediction: str, retrieval: bool = False) -> QueryResult:
+    return QueryResult("x", target, prediction, retrieval)
+
+
+def test_exact_match_only():
+    assert q("A B", "A B").correct and not q("A B", "A").correct and not q("A B", "A B C").correct
+    assert accuracy([q("A", "A"), q("A", "B"), q("A B", "A B"), q("A B", "B A")]) == 50.0
+
+
+def test_retrieval_and_generalization_split():
+    scores = score_queries([q("A", "A", True), q("A", "B", True), q("A", "A"), q("A", "A"), q("A", "B")])
+    assert scores["accuracy"] == 60.0 and scores["n"] == 5
+    assert scores["retrieval"] == 50.0 and scores["n_retrieval"] == 2
+    assert scores["generalization"] == pytest.approx(200 / 3) and scores["n_generalization"] == 3
+
+
+def test_empty_groups_are_none_never_nan():
+    assert accuracy([]) is None
+    scores = score_queries([q("A", "A")])
+    assert scores["retrieval"] is None and scores["generalization"] == 100.0
+    json.dumps(scores, allow_nan=False)
+
+
+def test_scores_are_averaged_over_episodes_not_queries():
+    episodes = [[q("A", "A", True), q("A", "A")],                       # 100%: retrieval 100, generalization 100
+                [q("A", "B")] * 3 + [q("A", "A")]]                      # 25%: no retrieval, generalization 25
+    scores = score_episodes(episodes)
+    assert scores["accuracy"] == pytest.approx(62.5)          # not 3 / 6 = 50
+    assert scores["retrieval"] == 100.0                        # the episode without retrieval queries is left out
+    assert scores["generalization"] == pytest.approx(62.5)
+    assert [e["accuracy"] for e in scores["episodes"]] == [100.0, 25.0] and scores["n_episodes"] == 2
+
+
+# ---- SCAN test splits ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split,size", [("addprim_jump", 7706), ("template_around_right", 4476), ("length", 3920)])
+def test_scan_test_split_sizes(split, size):
+    assert len(scan_test_pairs(split)) == size
+
+
+@pytest.mark.parametrize("split", ["addprim_jump", "template_around_right", "length"])
+def test_scan_test_splits_are_the_official_files(split):
+    official = OFFICIAL_SCAN / f"tasks_test_{split}.txt"
+    if not official.exists():
+        pytest.skip("official SCAN files not at hand")
+    lines = [f"IN: {p.command} OUT: {p.actions}" for p in scan_test_pairs(split)]
+    assert sorted(lines) == sorted(official.read_text().splitlines())  # the official files are shuffled
+
+
+def test_support_sets_per_design():
+    assert dict(SCAN_TEST_SPLITS["addprim_jump"].support) == {
+        "walk": "I_WALK", "look": "I_LOOK", "run": "I_RUN", "jump": "I_JUMP"} == TRUE_PRIMITIVES
+    assert dict(SCAN_TEST_SPLITS["template_around_right"].support) == {
+        "turn left": "I_TURN_LEFT", "turn right": "I_TURN_RIGHT"}
+    assert SCAN_TEST_SPLITS["length"].support is None  # the validation episodes' own support sets
+    assert TYPE_SPLITS["ME"] == ("validation",)
+    assert {t: s[1] for t, s in TYPE_SPLITS.items() if t != "ME"} == {
+        "scan_prim_permutation": "addprim_jump", "scan_prim_augmentation": "addprim_jump",
+        "scan_around_right": "template_around_right", "scan_length": "length"}
+
+
+def test_parse_support():
+    assert parse_support("jump=I_JUMP, turn left = I_TURN_LEFT") == [("jump", "I_JUMP"), ("turn left", "I_TURN_LEFT")]
+    for bad in ("jump", "jump=", "=I_JUMP", "jump=I_JUMP,"):
+        with pytest.raises(UserError):
+            parse_support(bad)
+
+
+# ---- faithfulness: eval on validation == the trainer's last validation line ------------------------------
+
+def test_validation_matches_the_trainers_numbers(me_checkpoint, tmp_path):
+    recorded = load_checkpoint(me_checkpoint)["val"]
+    results = evaluate(EvalConfig(str(me_checkpoint), out=str(tmp_path)))
+    ours = results["splits"]["validation"]
+    assert list(results["splits"]) == ["validation"]
+    assert {k: ours[k] for k in recorded} == recorded  # exactly, not approximately
+    assert ours["retrieval"] is not None and ours["generalization"] is not None
+    assert len(ours["episodes"]) == 5 and ours["n"] == 5 * 23
+
+
+# ---- the report ------------------------------------------------------------------------------------------
+
+def test_report_files_for_addprim_jump(aug_checkpoint, tmp_path):
+    results = evaluate(EvalConfig(str(aug_checkpoint), out=str(tmp_path), plot=2))
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    assert written["checkpoint"]["episode_type"] == "scan_prim_augmentation"
+    assert len(written["checkpoint"]["sha256"]) == 64 and written["checkpoint"]["episodes_done"] == 8
+    jump = written["splits"]["addprim_jump"]
+    assert jump["n"] == 7706 and jump["retrieval"] is None and jump["n_generalization"] == 7706
+    assert jump["paper"]["accuracy"] == 99.95 and "permutation" in jump["paper"]["note"]
+    assert jump["decode_seconds"] > 0 and "episodes" not in jump
+    rows = read_jsonl(tmp_path / "predictions_addprim_jump.jsonl")
+    assert [r["input"] for r in rows] == [p.command for p in scan_test_pairs("addprim_jump")]
+    assert all(r["correct"] == (r["prediction"] == r["target"]) for r in rows)
+    assert 100.0 * sum(r["correct"] for r in rows) / len(rows) == jump["accuracy"]
+    for split in ("validation", "addprim_jump"):
+        assert written["splits"][split]["plots"] == [f"attention_{split}_0.png", f"attention_{split}_1.png"]
+        assert (tmp_path / f"attention_{split}_1.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*"))
+    table = summary_table(results)
+    assert "addprim_jump" in table and "99.95%" in table
+
+
+def test_length_reports_each_validation_episode_and_their_mean(length_checkpoint, tmp_path):
+    results = evaluate(EvalConfig(str(length_checkpoint), split="length", out=str(tmp_path), max_length=8))
+    length = results["splits"]["length"]
+    assert length["n_episodes"] == 5 and length["n"] == 5 * 3920
+    assert [e["n"] for e in length["episodes"]] == [3920] * 5
+    assert length["accuracy"] == pytest.approx(sum(e["accuracy"] for e in length["episodes"]) / 5)
+    assert length["paper"]["accuracy"] == 16.64 and results["max_length"] == 8
+    rows = read_jsonl(tmp_path / "predictions_length.jsonl")
+    assert [sum(r["episode"] == e for r in rows) for e in range(5)] == [3920] * 5
+    assert all(len(r["prediction"].split()) <= 8 for r in rows)
+
+
+def test_scan_file_with_support(aug_checkpoint, tmp_path):
+    scan_file = tmp_path / "mine.txt"
+    scan_file.write_text("IN: jump twice OUT: I_JUMP I_JUMP\n\nIN: walk OUT: I_WALK\n")
+    results = evaluate(EvalConfig(str(aug_checkpoint), out=str(tmp_path / "out"), scan_file=str(scan_file),
+                                  support="jump=I_JUMP,walk=I_WALK"))
+    split = results["splits"]["scan_file"]
+    assert split["n"] == 2 and split["n_retrieval"] == 1 and split["paper"] is None
+    rows = read_jsonl(tmp_path / "out" / "predictions_scan_file.jsonl")
+    assert [r["input"] for r in rows] == ["jump twice", "walk"] and [r["retrieval"] for r in rows] == [False, True]
+
+
+@pytest.mark.parametrize("ablation", ["disable_memory", "disable_attention", "both"])
+def test_plots_skip_the_panel_an_ablated_model_lacks(tmp_path, ablation):
+    from evalsuite.evaluate import Episode, Loaded, SplitTask
+    from evalsuite.plots import plot_split, query_attention
+    flags = {"disable_memory": ablation != "disable_attention", "disable_attention": ablation != "disable_memory"}
+    tokenizer = Tokenizer(("<pad>", "<sos>", "<eos>", "dax", "lug"), ("<pad>", "<sos>", "<eos>", "RED", "BLUE"))
+    model = MetaSeq2Seq(ModelConfig(5, 5, emb_size=8, nlayers=1, **flags)).eval()
+    loaded = Loaded({}, model, tokenizer, torch.device("cpu"), 5)
+    task = SplitTask("validation", [Episode([("dax", "RED")], [("dax lug", "RED BLUE")])], episodic=True)
+    attention = query_attention(loaded, task.episodes[0], "dax lug")
+    paths = plot_split(loaded, task, 3, tmp_path)
+    if ablation == "both":
+        assert attention is None and paths == []
+        return
+    _, memory, decoder = attention
+    assert (memory is None) == flags["disable_memory"] and (decoder is None) == flags["disable_attention"]
+    assert memory is None or memory.shape == (3, 1)  # query tokens + EOS, support items
+    assert [p.name for p in paths] == ["attention_validation_0.png"] and paths[0].read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- chunked, bucketed decoding ------------------------------------------------------------------------
+
+def test_shared_support_batch_equals_make_batch():
+    support = [([4, 5], [6]), ([7], [8, 9, 10])]
+    queries = [[3, 4, 5], [6], [7, 8, 9, 10, 3]]
+    fast, slow = shared_support_batch(support, queries), make_batch([support], [[(x, []) for x in queries]])
+    for name in vars(slow):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+
+
+def test_chunked_bucketed_decode_equals_one_unsorted_batch():
+    torch.manual_seed(3)
+    pairs = scan_test_pairs("addprim_jump")[::25]  # 309 queries of all lengths
+    vocab = {w: i + 3 for i, w in enumerate(sorted({w for p in pairs for w in p.command.split()}))}
+    model = MetaSeq2Seq(ModelConfig(len(vocab) + 3, 12, emb_size=32, nlayers=2)).eval()
+    with torch.no_grad():  # a fresh model writes one sequence for every query; large weights make them differ
+        for parameter in model.parameters():
+            parameter.mul_(4)
+    support = [([vocab["jump"]], [5]), ([vocab["walk"]], [6]), ([vocab["run"], vocab["twice"]], [7, 7])]
+    queries = [[vocab[w] for w in p.command.split()] for p in pairs]
+    assert bucket_order(queries) != list(range(len(queries)))  # the sort really reorders
+    reference = decode_shared_support(model, support, queries, 20, torch.device("cpu"), chunk_size=10 ** 6,
+                                      bucket=False)
+    chunked = decode_shared_support(model, support, queries, 20, torch.device("cpu"), chunk_size=37)
+    assert len({tuple(p) for p in reference}) > 100  # outputs differ by query, so a mix-up would show
+    assert chunked == reference
+
+
+# ---- bad input: one line on stderr, non-zero exit, no traceback --------------------------------------------
+
+def invoke(capsys, *args: str) -> tuple[int, str]:
+    code = run_cli(cli, ["eval", *args])
+    return code, capsys.readouterr().err
+
+
+def assert_one_error_line(code: int, err: str, *expected: str) -> None:
+    assert code != 0
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, err
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    assert_one_error_line(*invoke(capsys, "--checkpoint", str(tmp_path / "none.pt")), "no checkpoint")
+
+
+def test_corrupt_checkpoint_via_subprocess(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage\xff")
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "eval", "--checkpoint", str(bad)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert_one_error_line(proc.returncode, proc.stderr, "corrupt")
+    assert not (tmp_path / "eval_out").exists()
+
+
+def test_store_missing(capsys, me_checkpoint, tmp_path):
+    code, err = invoke(capsys, "--checkpoint", str(me_checkpoint), "--store", str(tmp_path / "gone"))
+    assert_one_error_line(code, err, "no episode store", "--store")
+
+
+def test_store_with_another_manifest(capsys, me_checkpoint, tmp_path):
+    store = tmp_path / "ME"
+    shutil.copytree(load_checkpoint(me_checkpoint)["store"], store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps(manifest, indent=1))  # same content, other bytes
+    code, err = invoke(capsys, "--checkpoint", str(me_checkpoint), "--store", str(store), "--out", str(tmp_path / "o"))
+    assert_one_error_line(code, err, "manifest hash differs")
+    assert not (tmp_path / "o").exists()
+
+
+def test_split_that_does_not_fit_the_type(capsys, me_checkpoint):
+    code, err = invoke(capsys, "--checkpoint", str(me_checkpoint), "--split", "addprim_jump")
+    assert_one_error_line(code, err, "'addprim_jump' does not fit a ME checkpoint")
+
+
+def test_scan_file_malformed_line(capsys, aug_checkpoint, tmp_path):
+    scan_file = tmp_path / "bad.txt"
+    scan_file.write_text("IN: jump OUT: I_JUMP\nIN: walk twice I_WALK I_WALK\n")
+    code, err = invoke(capsys, "--checkpoint", str(aug_checkpoint), "--scan_file", str(scan_file),
+                       "--support", "jump=I_JUMP")
+    assert_one_error_line(code, err, "line 2")
+
+
+@pytest.mark.parametrize("line,token", [("IN: jump blorp OUT: I_JUMP", "'blorp'"),
+                                        ("IN: jump OUT: I_JUMP I_FLY", "'I_FLY'")])
+def test_scan_file_oov_token(capsys, aug_checkpoint, tmp_path, line, token):
+    scan_file = tmp_path / "oov.txt"
+    scan_file.write_text(f"IN: walk OUT: I_WALK\n\n{line}\n")
+    code, err = invoke(capsys, "--checkpoint", str(aug_checkpoint), "--scan_file", str(scan_file),
+                       "--support", "jump=I_JUMP")
+    assert_one_error_line(code, err, "line 3", token)
+
+
+def test_support_oov_and_missing_support(capsys, aug_checkpoint, tmp_path):
+    scan_file = tmp_path / "ok.txt"
+    scan_file.write_text("IN: walk OUT: I_WALK\n")
+    code, err = invoke(capsys, "--checkpoint", str(aug_checkpoint), "--scan_file", str(scan_file),
+                       "--support", "fly=I_FLY")
+    assert_one_error_line(code, err, "--support", "'fly'")
+    assert_one_error_line(*invoke(capsys, "--checkpoint", str(aug_checkpoint), "--scan_file", str(scan_file)),
+                          "--support")
