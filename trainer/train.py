@@ -358,7 +358,10 @@ class RunLog:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         message = log_line(state, rate, loss)
-        bar.write(message) if not bar.disable else print(message, flush=True)
+        if bar.disable:
+            print(message, flush=True)
+        else:
+            bar.write(message)  # above the progress bar, which stays at the bottom
 
     def finish(self, state: TrainState) -> None:
         from trainer.report import plot_curves  # matplotlib is slow to import; only needed once
