@@ -141,6 +141,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 240) -> subproce
     (lambda store, tmp: ["--store", str(tmp / "nowhere"), "--no_generate"], "no episode store"),
     (lambda store, tmp: ["--store", str(store), "--dir_model", "/proc/forbidden"], "cannot write to --dir_model"),
     (lambda store, tmp: ["--store", str(store), "--batch_size", "0"], "--batch_size must be positive"),
+    (lambda store, tmp: ["--episode_type", "scan_jump", "--store", str(tmp / "ME")], "choose one of: ME"),
 ])
 def test_train_bad_input_is_one_line(me_store, tmp_path, make_bad, message):
     result = run_cli("train", "--episode_type", "ME", "--emb_size", "16", "--num_episodes", "16",

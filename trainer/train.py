@@ -19,6 +19,7 @@ from tqdm import tqdm
 from evalsuite.metrics import score_episodes
 from pipeline import store as episode_store
 from pipeline.errors import UserError
+from pipeline.samplers import get_sampler
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import StreamConfig, Tokenizer, make_loader, read_records
@@ -85,6 +86,7 @@ RESUME_KEYS = ("episode_type", "num_episodes", "batch_size", "lr", "lr_decay_sch
 
 
 def check_config(cfg: TrainConfig, world_size: int) -> None:
+    get_sampler(cfg.episode_type)  # an unknown type fails here, listing the valid ones, before any work
     for name in ("num_episodes", "batch_size", "lr_decay_schedule", "nlayers", "emb_size", "max_length_eval",
                  "val_every", "checkpoint_every"):
         if getattr(cfg, name) <= 0:
