@@ -23,7 +23,7 @@ from evalsuite.report import summary_table
 from evalsuite.splits import SCAN_TEST_SPLITS, TYPE_SPLITS, parse_support, scan_test_pairs
 from pipeline.errors import UserError
 from pipeline.scan import TRUE_PRIMITIVES
-from trainer.batch import make_batch
+from pipeline.vocab import EOS_ID, PAD_ID
 from trainer.checkpoint import load_checkpoint
 from trainer.data import Tokenizer
 from trainer.model import MetaSeq2Seq, ModelConfig
@@ -220,12 +220,16 @@ def test_plots_skip_the_panel_an_ablated_model_lacks(tmp_path, ablation):
 
 # ---- chunked, bucketed decoding ------------------------------------------------------------------------
 
-def test_shared_support_batch_equals_make_batch():
+def test_shared_support_batch_pads_by_hand():
     support = [([4, 5], [6]), ([7], [8, 9, 10])]
     queries = [[3, 4, 5], [6], [7, 8, 9, 10, 3]]
-    fast, slow = shared_support_batch(support, queries), make_batch([support], [[(x, []) for x in queries]])
-    for name in vars(slow):
-        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    batch = shared_support_batch(support, queries)
+    assert batch.support_in.tolist() == [[[4, 5, EOS_ID], [7, EOS_ID, PAD_ID]]]
+    assert batch.support_out.tolist() == [[[6, EOS_ID, PAD_ID, PAD_ID], [8, 9, 10, EOS_ID]]]
+    assert batch.query_in.tolist() == [[[3, 4, 5, EOS_ID, PAD_ID, PAD_ID], [6, EOS_ID] + [PAD_ID] * 4,
+                                        [7, 8, 9, 10, 3, EOS_ID]]]
+    assert batch.query_in_len.tolist() == [[4, 2, 6]] and batch.support_in_len.tolist() == [[3, 2]]
+    assert batch.query_out.tolist() == [[[EOS_ID]] * 3] and batch.query_out_len.tolist() == [[1, 1, 1]]
 
 
 def test_chunked_bucketed_decode_equals_one_unsorted_batch():
