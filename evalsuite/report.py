@@ -5,13 +5,11 @@ Files are written atomically (temp file + rename), so a killed run never leaves 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 from evalsuite.metrics import QueryResult
-from pipeline.errors import UserError
-from pipeline.shardio import file_sha256, write_bytes_atomically
+from pipeline.shardio import check_writable_dir, file_sha256, write_bytes_atomically
 
 RESULTS_NAME = "results.json"
 
@@ -47,13 +45,7 @@ def write_predictions(out_dir: Path, split: str, per_episode: list[list[QueryRes
 
 
 def check_writable(out_dir: Path) -> None:
-    try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        probe = Path(out_dir) / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write to --out {out_dir}: {err.strerror or err}") from None
+    check_writable_dir(out_dir, "--out")
 
 
 def remove_results(out_dir: Path) -> None:

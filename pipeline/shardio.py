@@ -11,6 +11,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from pipeline.errors import UserError
+
 TEMP_MARK = ".tmp-"
 BLOCK, RECORD = 512, 20 * 512  # tar block, and the record size the archive is padded to (as tarfile does)
 # Every header field that could vary by machine, user or time is pinned, so bytes depend only on the data.
@@ -103,6 +105,17 @@ def write_atomically(path: Path, write_to):
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
     write_atomically(path, lambda raw: raw.write(data))
+
+
+def check_writable_dir(directory: Path, flag: str) -> None:
+    """Fail now, with one line naming the flag, rather than after minutes of work that cannot be saved."""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        probe = Path(directory) / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to {flag} {directory}: {err.strerror or err}") from None
 
 
 def file_sha256(path: Path) -> str:

@@ -5,29 +5,22 @@ input_vocab, output_vocab, episodes_done, data_position, store, manifest_sha256,
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import UserError
+from pipeline.shardio import write_atomically
 
 CHECKPOINT_FORMAT = "metaseq2seq-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write to a temp file, fsync, then rename: a kill never leaves a partial file under `path`."""
+    """Temp file, fsync, rename: a kill never leaves a partial file under `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                                                 **payload}, f))
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -7,8 +7,6 @@ the original did, silently resets Adam's moments.
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from evalsuite.metrics import score_episodes
 from pipeline import store as episode_store
 from pipeline.errors import UserError
 from pipeline.samplers import get_sampler
+from pipeline.shardio import check_writable_dir
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import StreamConfig, Tokenizer, make_loader, read_records
@@ -111,16 +110,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name != "cpu":
         raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
     return torch.device("cpu")
-
-
-def check_dir_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write to --dir_model {directory}: {err.strerror or err}") from None
 
 
 def prepare_store(cfg: TrainConfig, ctx: distributed.DistContext) -> dict:
@@ -281,7 +270,7 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device) -> dict:
     check_config(cfg, ctx.world_size)
     if ctx.is_main:
-        check_dir_writable(cfg.checkpoint_path.parent)
+        check_writable_dir(cfg.checkpoint_path.parent, "--dir_model")
     manifest = prepare_store(cfg, ctx)
     manifest_hash = episode_store.manifest_sha256(cfg.store_path)
     tokenizer = Tokenizer(tuple(manifest["input_vocab"]), tuple(manifest["output_vocab"]))
