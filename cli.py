@@ -71,8 +71,8 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
 @click.option("--store", default=None, help="Episode store [default: shards/<episode_type>].")
 @click.option("--num_episodes", type=int, default=10000, show_default=True, help="Training episodes in all.")
 @click.option("--batch_size", type=int, default=None,
-              help="Episodes per optimizer step, all processes together [default: see README]. 1 = the paper.")
-@click.option("--lr", type=float, default=None, help="Adam learning rate [default: see README].")
+              help="Episodes per optimizer step, all processes together; 1 = the paper.  [default: 8 for ME, 1 for the SCAN types]")
+@click.option("--lr", type=float, default=None, help="Adam learning rate.  [default: 1e-3 (the paper's) at batch size 1, else 2e-3]")
 @click.option("--lr_decay_schedule", type=int, default=5000, show_default=True,
               help="Multiply the learning rate by 0.1 every this many episodes.")
 @click.option("--nlayers", type=int, default=2, show_default=True)
