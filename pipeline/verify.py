@@ -31,8 +31,13 @@ def verify_store(store: Path | str) -> list[str]:
     problems += _layout_problems(store, manifest)
     checker = _RecordChecker(manifest)
     for split in ("val", "train"):  # val first: its identifiers are what train must avoid
+        first_index = 0
         for entry in [e for e in manifest["shards"] if e["split"] == split]:
+            # Each shard's keys start where the manifest says, not where the shard before stopped: a
+            # truncated shard must not shift the expected keys of the intact shards after it.
+            checker.start_shard(split, first_index)
             problems += _shard_problems(store, entry, checker)
+            first_index += entry["count"]
     return problems
 
 
@@ -81,6 +86,9 @@ class _RecordChecker:
         self.vocabs = (set(manifest["input_vocab"]) - specials, set(manifest["output_vocab"]) - specials)
         self.next_index = {split: 0 for split in SPLITS}
         self.val_identifiers: set[str] = set()
+
+    def start_shard(self, split: str, first_index: int) -> None:
+        self.next_index[split] = first_index
 
     def problems(self, split: str, member: str, data: bytes | None) -> list[str]:
         key = sample_key(split, self.next_index[split])

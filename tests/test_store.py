@@ -300,6 +300,16 @@ def test_verify_reports_damage_naming_the_file(store_copy, damage, expected):
     assert all("\n" not in p for p in problems)
 
 
+@pytest.mark.parametrize("name", ["train-000000.tar", "val-000000.tar"])
+def test_a_truncated_shard_is_the_only_one_blamed(store_copy, name):
+    """The shards after a truncated one are intact: their records keep the keys the manifest implies."""
+    path = store_copy / name
+    path.write_bytes(path.read_bytes()[:5000])
+    problems = verify_store(store_copy)
+    assert any("unreadable tar" in p for p in problems), problems
+    assert problems and all(p.startswith(f"{name}: ") for p in problems), problems
+
+
 def rewrite_shard(store: Path, name: str, change) -> None:
     """Replace a shard by one whose records went through `change`, with a manifest that matches it."""
     samples = [(member[:-len(".json")], json.dumps(change(record), sort_keys=True).encode())
