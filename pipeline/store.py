@@ -4,10 +4,11 @@ Every shard is a pure function of (seed, split, shard index): training shard i d
 another from `default_rng([seed, 0, i])`, and all validation episodes come from `default_rng([seed, 1, 0])`.
 So the bytes never depend on the number of workers or on which worker wrote which shard.
 Write order: shards (each atomically), then the dataset card, then manifest.json, whose presence marks the
-store as complete.
+store as complete. One `generate` at a time per store: a file lock beside it (`.<name>.lock`) serializes them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import sys
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from pipeline.card import store_card
@@ -51,20 +53,47 @@ def generate(cfg: GenerateConfig) -> Path:
     sampler = get_sampler(cfg.episode_type)
     store = Path(cfg.out) / cfg.episode_type
     head = _manifest_head(cfg, sampler)
-    if _is_identical_store(store, head, cfg.overwrite):
-        _say(f"{store}: identical, nothing to do")
-        return store
+    with _store_lock(store):
+        if _is_identical_store(store, head, cfg.overwrite):
+            _say(f"{store}: identical, nothing to do")
+            return store
+        try:
+            _prepare_dir(store)
+            shards = _write_shards(cfg, store)
+            manifest = {**head, "counts": _counts(shards), "shards": shards}
+            write_bytes_atomically(store / CARD_NAME, store_card(manifest).encode("utf-8"))
+            write_manifest(store, manifest)  # last: only now is the store complete
+        except OSError as err:
+            raise UserError(f"cannot write the store {store}: {_os_error_text(err, store)}") from err
+        finally:
+            _remove_temp_files(store)  # workers killed mid-shard leave theirs behind
+    return store
+
+
+def lock_path(store: Path) -> Path:
+    """Beside the store, not in it: the store directory holds only what its manifest and card describe."""
+    return store.parent / f".{store.name}.lock"
+
+
+@contextlib.contextmanager
+def _store_lock(store: Path):
+    """Hold the store's lock while checking and writing it. A second `generate` on the same store waits
+    (it then finds the store identical, or rebuilds it) instead of deleting the first one's temp files.
+    The OS drops the lock when its holder dies, so a killed run never blocks the next one."""
+    lock = FileLock(lock_path(store))
     try:
-        _prepare_dir(store)
-        shards = _write_shards(cfg, store)
-        manifest = {**head, "counts": _counts(shards), "shards": shards}
-        write_bytes_atomically(store / CARD_NAME, store_card(manifest).encode("utf-8"))
-        write_manifest(store, manifest)  # last: only now is the store complete
+        store.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            _say(f"{store}: another generate is writing this store (lock {lock_path(store)}); waiting for it")
+            lock.acquire()
     except OSError as err:
         raise UserError(f"cannot write the store {store}: {_os_error_text(err, store)}") from err
+    try:
+        yield
     finally:
-        _remove_temp_files(store)  # workers killed mid-shard leave theirs behind
-    return store
+        lock.release()
 
 
 def shard_paths(store: Path | str, split: str) -> list[Path]:

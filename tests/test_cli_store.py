@@ -7,10 +7,12 @@ from pathlib import Path
 
 import click
 import pytest
+from filelock import FileLock
 
 from cli import cli, run_cli
 from pipeline.errors import UserError
 from pipeline.samplers import EPISODE_TYPES
+from pipeline.store import load_manifest, lock_path, verify_store
 
 ROOT = Path(__file__).parents[1]
 
@@ -55,6 +57,30 @@ def test_generate_verify_publish(tmp_path, capsys):
     assert invoke(capsys, "verify", "--store", str(store))[:2] == (0, f"{store}: ok\n")
     code, stdout, _ = invoke(capsys, "publish", "--store", str(store), "--to", str(tmp_path / "export"))
     assert code == 0 and (tmp_path / "export" / "data" / "train-00000-of-00001.parquet").is_file()
+
+
+def test_two_concurrent_generates_end_with_one_complete_store(tmp_path):
+    """Both processes start while the store is locked (here by the test), so both must wait; once it is
+    released, one writes the store and the other waits for it and then finds it identical."""
+    out, store = tmp_path / "shards", tmp_path / "shards" / "ME"
+    args = [sys.executable, str(ROOT / "cli.py"), "generate", "--episode_type", "ME", "--num_episodes", "3000",
+            "--shard_size", "500", "--workers", "1", "--out", str(out), "--no_progress"]
+    lock = FileLock(lock_path(store))
+    out.mkdir()
+    with lock:
+        procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        first_lines = [proc.stderr.readline() for proc in procs]  # EOF ('') if a process never waits
+    results = [(proc.wait(timeout=120), proc.stdout.read(), line + proc.stderr.read())
+               for proc, line in zip(procs, first_lines)]
+    for line in first_lines:
+        assert line.startswith(f"{store}: another generate is writing this store"), results
+    assert [code for code, _, _ in results] == [0, 0], results
+    assert all(stdout == f"{store}\n" for _, stdout, _ in results)
+    assert sum("identical, nothing to do" in err for _, _, err in results) == 1, results
+    assert verify_store(store) == [] and load_manifest(store)["counts"] == {"train": 3000, "val": 5}
+    assert sorted(p.name for p in store.iterdir()) == ["README.md", "manifest.json", *[
+        f"train-{i:06d}.tar" for i in range(6)], "val-000000.tar"]
 
 
 def test_verify_lists_problems_and_exits_1(tmp_path, capsys):
