@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -96,11 +97,43 @@ def _write_parquet(shards: list[Path], path: Path) -> None:
 def _push(store: Path, manifest: dict, repo_id: str) -> str:
     """Push the same export to the Hub: the data with push_to_hub, then our card over the generated one
     (its data_files patterns match push_to_hub's `data/<split>-*.parquet` layout)."""
-    import datasets
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
     with tempfile.TemporaryDirectory() as tmp:
         export = export_parquet(store, manifest, Path(tmp) / "export")
-        datasets.load_dataset(str(export)).push_to_hub(repo_id)
-        HfApi().upload_file(path_or_fileobj=str(export / "README.md"), path_in_repo="README.md",
-                            repo_id=repo_id, repo_type="dataset")
-    return f"https://huggingface.co/datasets/{repo_id}"
+        try:
+            _load_quietly(export).push_to_hub(repo_id)
+            HfApi().upload_file(path_or_fileobj=str(export / "README.md"), path_in_repo="README.md",
+                                repo_id=repo_id, repo_type="dataset")
+        except hub_errors() as err:
+            detail = (str(err).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"cannot push to {repo_id} on {constants.ENDPOINT} ({type(err).__name__}: {detail}); "
+                            "check the network, HF_ENDPOINT and `huggingface-cli login`") from None
+    return f"{constants.ENDPOINT}/datasets/{repo_id}"
+
+
+def _load_quietly(export: Path):
+    """The export as a DatasetDict, without the progress bars of its local cache build (an error after it
+    must stay one line); the upload's own bars are left as they were."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        return datasets.load_dataset(str(export))
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bar()
+
+
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What a Hub call raises when the Hub cannot be reached, refuses the request or has no token for us.
+    huggingface_hub has used requests and then httpx (httpx2 in some versions): take whichever is loaded,
+    so the clause needs none of them installed."""
+    from huggingface_hub import errors
+    kinds = [ConnectionError, TimeoutError, errors.HfHubHTTPError]
+    kinds += [getattr(errors, name) for name in ("LocalTokenNotFoundError", "OfflineModeIsEnabled")
+              if hasattr(errors, name)]
+    for module, name in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return tuple(kinds)

@@ -1,6 +1,7 @@
 """cli.py for the store: every command has --help; bad input is one `error:` line and a non-zero exit."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,20 @@ def test_two_concurrent_generates_end_with_one_complete_store(tmp_path):
     assert verify_store(store) == [] and load_manifest(store)["counts"] == {"train": 3000, "val": 5}
     assert sorted(p.name for p in store.iterdir()) == ["README.md", "manifest.json", *[
         f"train-{i:06d}.tar" for i in range(6)], "val-000000.tar"]
+
+
+def test_publish_to_an_unreachable_hub_is_one_error_line(tmp_path, capsys):
+    """HF_ENDPOINT points at a closed local port (never at a real host): the push fails to connect."""
+    invoke(capsys, "generate", "--episode_type", "ME", "--num_episodes", "10", "--out", str(tmp_path / "shards"),
+           "--no_progress")
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "hf_x"}
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "publish", "--store", str(tmp_path / "shards" / "ME"),
+                             "--repo_id", "someone/episodes"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert_one_error_line(result.returncode, result.stderr, "cannot push to someone/episodes on http://127.0.0.1:9")
+    assert "HF_ENDPOINT" in result.stderr
 
 
 def test_verify_lists_problems_and_exits_1(tmp_path, capsys):
