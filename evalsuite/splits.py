@@ -64,14 +64,26 @@ def scan_test_pairs(split: str) -> tuple[scan.ScanPair, ...]:
 
 
 def parse_support(spec: str) -> list[tuple[str, str]]:
-    """`"jump=I_JUMP,turn left=I_TURN_LEFT"` -> [(input, output), ...]."""
+    """`"jump=I_JUMP,turn left=I_TURN_LEFT"` -> [(input, output), ...]. An input given twice is an error: the
+    memory would hold two meanings for it, and which one wins would be up to the model."""
     pairs = []
     for item in spec.split(","):
         source, sep, target = item.partition("=")
-        if not sep or not source.split() or not target.split():
+        if not sep or "=" in target or not source.split() or not target.split():
             raise UserError(f"--support: {item.strip()!r} is not of the form INPUT=OUTPUT "
                             "(e.g. \"jump=I_JUMP,walk=I_WALK\")")
         pairs.append((" ".join(source.split()), " ".join(target.split())))
+    return check_support(pairs, "--support")
+
+
+def check_support(pairs: list[tuple[str, str]], where: str) -> list[tuple[str, str]]:
+    """`pairs`, if no input occurs twice."""
+    seen: dict[str, str] = {}
+    for source, target in pairs:
+        if source in seen:
+            raise UserError(f"{where}: the input {source!r} is given twice ({source}={seen[source]} and "
+                            f"{source}={target}); a support set gives each input one output")
+        seen[source] = target
     return pairs
 
 

@@ -134,9 +134,12 @@ def test_support_sets_per_design():
 
 def test_parse_support():
     assert parse_support("jump=I_JUMP, turn left = I_TURN_LEFT") == [("jump", "I_JUMP"), ("turn left", "I_TURN_LEFT")]
-    for bad in ("jump", "jump=", "=I_JUMP", "jump=I_JUMP,"):
-        with pytest.raises(UserError):
+    for bad in ("jump", "jump=", "=I_JUMP", "jump=I_JUMP,", "jump=I_JUMP=I_WALK"):
+        with pytest.raises(UserError, match="not of the form INPUT=OUTPUT"):
             parse_support(bad)
+    for duplicate in ("jump=I_JUMP,jump=I_WALK", "jump=I_JUMP, jump =I_JUMP", "turn  left=I_TURN_LEFT,turn left=X"):
+        with pytest.raises(UserError, match="given twice"):
+            parse_support(duplicate)
 
 
 # ---- faithfulness: eval on validation == the trainer's last validation line ------------------------------

@@ -117,6 +117,23 @@ def test_webdataset_reads_a_store(small_store):
 
 # --- determinism ----------------------------------------------------------------------------------------
 
+def readme_snippet(heading: str) -> str:
+    """The first ```python block after `heading` in the README, as a reader would copy it."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    after = text[text.index(heading):]
+    return after[after.index("```python\n") + len("```python\n"):after.index("\n```", after.index("```python"))]
+
+
+def test_readme_webdataset_snippet_as_written_on_a_two_shard_store(tmp_path, monkeypatch):
+    generate(config(tmp_path, episode_type="ME", num_episodes=7, shard_size=4))  # train-000000, train-000001
+    monkeypatch.chdir(tmp_path)  # the snippet's paths are relative: shards/ME/...
+    namespace: dict = {}
+    exec(readme_snippet("### Streaming it with webdataset"), namespace)
+    assert len(namespace["shards"]) == 2
+    assert namespace["record"] == records(tmp_path / "shards" / "ME" / "train-000001.tar")[-1][1]
+    assert namespace["record"]["index"] == 6  # the last of the 7 training episodes: every shard was read
+
+
 def test_same_arguments_same_bytes_whatever_the_workers(tmp_path, small_store):
     one = generate(config(tmp_path / "one", num_val_episodes=12, workers=1))
     assert file_bytes(one) == file_bytes(small_store)  # small_store was written by 2 workers
