@@ -1,0 +1,306 @@
+"""Our model against the original code (facebookresearch/meta_seq2seq), run side by side.
+
+The original is read from ../shared/original (next to the repository) and driven through its own train.py
+functions: `build_sample` builds an episode with the support items appended as queries (its support loss),
+`train` computes the masked cross-entropy over that query batch and backpropagates (with optimizers whose
+lr is 0, so nothing moves), and `evaluate` decodes greedily for max_length steps. Both models are built
+with dropout 0 (the original's `train` switches to train mode; with p = 0 that is eval mode), the
+original's weights are copied into ours (`copy_original_weights`, a documented name and vocabulary
+mapping), and we run all the episodes of a test as one padded batch while the original runs them one at a
+time.
+
+1. Queries of equal input length within each episode (the original then pads no query step): the loss,
+   the gradients of every parameter, the greedy outputs and both attentions agree to float tolerance, in
+   the full model and its three ablations.
+2. Queries of unequal length: the original's decoder attends over every step of the longest query, so a
+   shorter query also attends to its padded steps (their context vectors are tanh(W [0; m] + b), not 0),
+   while ours masks them. There the losses differ; the original's attention puts weight on padded steps;
+   and run one query per episode (no padding at all), the original gives each query exactly our loss.
+   The README lists this under "Differences from the original".
+"""
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID, build_vocab
+from trainer.data import Tokenizer, collate_episodes
+from trainer.model import MetaSeq2Seq, ModelConfig, strip_decoded
+
+ORIGINAL = Path(__file__).resolve().parents[2] / "shared" / "original"
+# The original's modules import each other by these bare names.
+ORIGINAL_MODULES = ("model", "masked_cross_entropy", "generate_episode")
+
+INPUT_SYMBOLS = ["dax", "lug", "wif", "zup", "fep", "blicket", "kiki"]
+OUTPUT_SYMBOLS = ["RED", "YELLOW", "GREEN", "BLUE", "PURPLE"]
+TOKENIZER = Tokenizer(tuple(build_vocab(INPUT_SYMBOLS)), tuple(build_vocab(OUTPUT_SYMBOLS)))
+E, NLAYERS, MAX_LENGTH = 16, 2, 8
+INIT_STD = 1.0
+CLIP = 50.0  # the original's clip; the test asserts it never bites, so its gradients are the raw ones
+CONFIGS = {
+    "full": {},
+    "no_memory": {"disable_memory": True},
+    "no_attention": {"disable_attention": True},
+    "no_memory_no_attention": {"disable_memory": True, "disable_attention": True},
+}
+
+
+@pytest.fixture(scope="module")
+def original():
+    """The original's train.py as a module (it imports model.py and masked_cross_entropy.py itself).
+
+    Its directory is on sys.path only while it loads, and its bare module names are taken out of
+    sys.modules again, so nothing leaks into other tests."""
+    if not (ORIGINAL / "train.py").is_file():
+        pytest.skip(f"the original code is not at {ORIGINAL}: these tests run it side by side with ours")
+    saved_path, saved_modules = list(sys.path), {n: sys.modules.get(n) for n in ORIGINAL_MODULES}
+    sys.path.insert(0, str(ORIGINAL))
+    try:
+        spec = importlib.util.spec_from_file_location("original_meta_seq2seq_train", ORIGINAL / "train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved_path
+        for name, mod in saved_modules.items():
+            if mod is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = mod
+    module.USE_CUDA = False  # its tensors go to the GPU when one is visible; keep everything on the CPU
+    module.clip = CLIP       # a global of its __main__ block that `train` reads
+    return module
+
+
+# ---- the mapping ---------------------------------------------------------------------------------------
+
+def original_symbols(vocab: tuple[str, ...]) -> list[str]:
+    """The symbol list handed to the original's Lang: our PAD as an ordinary symbol (it never occurs in the
+    data; the original pads with SOS), then our symbols. Lang appends SOS and EOS, so both models have the
+    same classes."""
+    return [vocab[PAD_ID]] + list(vocab[3:])
+
+
+def ours_of_original(vocab: tuple[str, ...]) -> torch.Tensor:
+    """For each original id, our id: Lang gives id i to original_symbols()[i], then SOS = n, EOS = n + 1."""
+    return torch.tensor([PAD_ID] + list(range(3, len(vocab))) + [SOS_ID, EOS_ID])
+
+
+def copy_original_weights(encoder, decoder, model: MetaSeq2Seq) -> None:
+    """Copy the original's weights into ours (the original's encoder and decoder are two modules).
+
+    | original                                          | ours                        |
+    |---------------------------------------------------|-----------------------------|
+    | encoder.suppport_embedding.embedding (*)          | input_encoder.embedding     |
+    | encoder.suppport_embedding.lstm (*)               | input_encoder.lstm          |
+    | encoder.output_embedding.embedding                | output_encoder.embedding    |
+    | encoder.output_embedding.lstm                     | output_encoder.lstm         |
+    | encoder.hidden                                    | memory_combine              |
+    | encoder.embedding, encoder.lstm (disable_memory)  | input_encoder.embedding/lstm|
+    | decoder.embedding                                 | dec_embedding               |
+    | decoder.rnn                                       | dec_lstm                    |
+    | decoder.concat (AttnDecoderRNN only)              | attn_combine                |
+    | decoder.out                                       | out                         |
+
+    (*) query_embedding is the same module (tie_encoders=True), as our one input encoder.
+    LSTM parameters keep their names (weight_ih_l0, ..._reverse, ...). Rows indexed by a token id (the
+    embeddings, out.weight and out.bias) are permuted by ours_of_original(); everything else is copied
+    as is.
+    """
+    ours = dict(model.named_parameters())
+    for name, value in original_parameters(encoder, decoder).items():
+        target = ours[name]
+        assert target.shape == value.shape, name
+        with torch.no_grad():
+            target[vocab_rows(name)] = value.detach()  # vocab_rows is `...` for non-vocabulary tensors
+
+
+def original_parameters(encoder, decoder) -> dict[str, torch.Tensor]:
+    """The original's parameters (or their .grad) under our names; see copy_original_weights."""
+    prefixes = {"suppport_embedding.": "input_encoder.", "output_embedding.": "output_encoder.",
+                "hidden.": "memory_combine.", "embedding.": "input_encoder.embedding.",
+                "lstm.": "input_encoder.lstm."}
+    out = {}
+    for name, p in encoder.named_parameters():  # named_parameters lists the tied query_embedding once
+        prefix = next(k for k in prefixes if name.startswith(k))
+        out[prefixes[prefix] + name[len(prefix):]] = p
+    dec = {"embedding.": "dec_embedding.", "rnn.": "dec_lstm.", "concat.": "attn_combine.", "out.": "out."}
+    for name, p in decoder.named_parameters():
+        prefix = next(k for k in dec if name.startswith(k))
+        out[dec[prefix] + name[len(prefix):]] = p
+    return out
+
+
+def vocab_rows(our_name: str):
+    if our_name in ("input_encoder.embedding.weight",):
+        return ours_of_original(TOKENIZER.input_vocab)
+    if our_name in ("output_encoder.embedding.weight", "dec_embedding.weight", "out.weight", "out.bias"):
+        return ours_of_original(TOKENIZER.output_vocab)
+    return ...
+
+
+# ---- building both sides -------------------------------------------------------------------------------
+
+def build_pair(original, seed: int, disable_memory: bool = False, disable_attention: bool = False):
+    """The original's (encoder, decoder) with its own random init, and our model with those weights."""
+    n_in, n_out = len(TOKENIZER.input_vocab), len(TOKENIZER.output_vocab)  # = the original's n_symbols
+    torch.manual_seed(seed)
+    encoder_cls = original.WrapperEncoderRNN if disable_memory else original.MetaNetRNN
+    encoder = encoder_cls(E, n_in, n_out, NLAYERS, 0.0)
+    decoder = (original.DecoderRNN if disable_attention else original.AttnDecoderRNN)(E, n_out, NLAYERS, 0.0)
+    with torch.no_grad():  # larger weights than the default init, so greedy outputs are varied, not one token
+        for p in list(encoder.parameters()) + list(decoder.parameters()):
+            p.normal_(0.0, INIT_STD)
+    model = MetaSeq2Seq(ModelConfig(n_in, n_out, emb_size=E, nlayers=NLAYERS, dropout=0.0,
+                                    disable_memory=disable_memory, disable_attention=disable_attention))
+    copy_original_weights(encoder, decoder, model)
+    return encoder, decoder, model.eval()
+
+
+def random_episode(rng: random.Random, ns: int, nq: int, in_len) -> dict:
+    """A store record. in_len() gives each input's length; outputs have 1-4 tokens. Query inputs are kept
+    distinct from the support inputs, so the original's retrieval/generalization split is well defined."""
+    def pair(taken):
+        while True:
+            x = " ".join(rng.choice(INPUT_SYMBOLS) for _ in range(in_len()))
+            if x not in taken:
+                taken.add(x)
+                return {"input": x, "output": " ".join(rng.choice(OUTPUT_SYMBOLS) for _ in range(rng.randint(1, 4)))}
+    taken: set[str] = set()
+    return {"support": [pair(taken) for _ in range(ns)], "query": [pair(taken) for _ in range(nq)]}
+
+
+def original_sample(original, record: dict):
+    """The episode as the original's train.py builds it: support items appended to the queries."""
+    split = lambda items, side: [it[side].split() for it in items]  # noqa: E731
+    s, q = record["support"], record["query"] + record["support"]
+    return original.build_sample(split(s, "input"), split(s, "output"), split(q, "input"), split(q, "output"),
+                                 original_lang(original, "input"), original_lang(original, "output"), "")
+
+
+def original_lang(original, side: str):
+    return original.Lang(original_symbols(getattr(TOKENIZER, f"{side}_vocab")))
+
+
+def original_words(original, our_ids: list[int]) -> list[str]:
+    """Our output ids as the original's symbols (SOS and EOS have its own names)."""
+    original_id = {int(ours): i for i, ours in enumerate(ours_of_original(TOKENIZER.output_vocab))}
+    return [original_lang(original, "output").index2symbol[original_id[i]] for i in our_ids]
+
+
+def original_loss(original, encoder, decoder, sample) -> float:
+    """The original's train() on one episode: masked cross-entropy over its query batch, backward, its
+    clip, and an optimizer step that changes nothing (lr 0). The gradients are left in .grad."""
+    frozen = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (encoder, decoder)]
+    return original.train(sample, encoder, decoder, *frozen, original_lang(original, "input"),
+                          original_lang(original, "output"))
+
+
+def unclipped_grads(encoder, decoder) -> dict[str, torch.Tensor]:
+    """The gradients of original_loss under our names, checked to be below the original's clip (which
+    clips the encoder and the decoder separately), so they are the raw gradients."""
+    for module in (encoder, decoder):
+        assert torch.stack([p.grad.norm() for p in module.parameters()]).norm() < 0.99 * CLIP
+    return {name: p.grad.clone() for name, p in original_parameters(encoder, decoder).items()}
+
+
+def original_decode(original, encoder, decoder, sample):
+    with warnings.catch_warnings():  # its accuracy means warn on an empty group; we do not use them
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, _, predicted, _, dec_attn, mem_attn = original.evaluate(
+            sample, encoder, decoder, original_lang(original, "input"), original_lang(original, "output"),
+            MAX_LENGTH)
+    return predicted, dec_attn, mem_attn
+
+
+# ---- 1. equal query lengths: the same model ---------------------------------------------------------------
+
+EPISODE_SIZES = ((3, 4), (1, 2), (4, 3))  # (ns, nq); the support items come on top as queries
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_equal_length_queries_match_the_original(original, name):
+    encoder, decoder, model = build_pair(original, seed=1, **CONFIGS[name])
+    rng = random.Random(2)
+    records = [random_episode(rng, ns, nq, in_len=lambda: 3) for ns, nq in EPISODE_SIZES]
+    batch = collate_episodes(records, TOKENIZER, support_as_queries=True)
+
+    # Loss and gradients: ours averages episodes, so the original's per-episode gradients are averaged too.
+    loss = model.loss(batch)
+    loss.backward()
+    orig_losses, orig_grads = [], []
+    for record in records:
+        orig_losses.append(original_loss(original, encoder, decoder, original_sample(original, record)))
+        orig_grads.append(unclipped_grads(encoder, decoder))
+    torch.testing.assert_close(loss.item(), sum(orig_losses) / len(records), atol=1e-5, rtol=1e-5)
+    assert orig_grads[0].keys() == dict(model.named_parameters()).keys()
+    for our_name, p in model.named_parameters():
+        orig = torch.stack([g[our_name] for g in orig_grads]).mean(0)
+        torch.testing.assert_close(p.grad[vocab_rows(our_name)], orig, atol=1e-6, rtol=1e-4,
+                                   msg=lambda m: f"{our_name}: {m}")
+
+    # Greedy outputs and attention, episode by episode.
+    decoded = model.greedy_decode(batch, MAX_LENGTH, return_attention=True)
+    ours = strip_decoded(decoded)
+    for b, record in enumerate(records):
+        predicted, dec_attn, mem_attn = original_decode(original, encoder, decoder, original_sample(original, record))
+        assert [original_words(original, seq) for seq in ours[b]] == predicted
+        nq = len(predicted)
+        if isinstance(mem_attn, torch.Tensor):                                  # (Tqi, nq, ns) -> (nq, Tqi, ns)
+            ns = len(record["support"])
+            torch.testing.assert_close(decoded.memory_attention[b, :nq, :, :ns], mem_attn.transpose(0, 1),
+                                       atol=1e-6, rtol=0)
+        if dec_attn:                                          # MAX_LENGTH x (nq, Tqi)
+            for q, n in enumerate(decoded.lengths[b, :nq].tolist()):
+                torch.testing.assert_close(decoded.decoder_attention[b, q, :n],
+                                           torch.stack([a[q] for a in dec_attn[:n]]), atol=1e-6, rtol=0)
+
+
+# ---- 2. unequal query lengths: where the two differ ------------------------------------------------------
+
+def our_query_losses(model: MetaSeq2Seq, batch) -> torch.Tensor:
+    """Token-mean cross-entropy of each query of episode 0, from our teacher-forced logits."""
+    logits = model(batch)[0]                                                # (nq, Tqo, V)
+    return torch.stack([F.cross_entropy(logits[q, :n], batch.query_out[0, q, :n])
+                        for q, n in enumerate(batch.query_out_len[0].tolist())])
+
+
+@pytest.mark.parametrize("name", ["full", "no_memory"])
+def test_unequal_length_queries_differ_only_by_the_originals_padded_attention(original, name):
+    encoder, decoder, model = build_pair(original, seed=3, **CONFIGS[name])
+    rng = random.Random(4)
+    record = random_episode(rng, 3, 4, in_len=lambda: rng.randint(1, 5))
+    batch = collate_episodes([record], TOKENIZER, support_as_queries=True)
+    lengths = batch.query_in_len[0]
+    assert lengths.min() < lengths.max()
+    sample = original_sample(original, record)
+
+    # The losses differ: the original's shorter queries also attend to their padded steps.
+    with torch.no_grad():
+        ours = model.loss(batch).item()
+    theirs = original_loss(original, encoder, decoder, sample)
+    assert abs(ours - theirs) > 1e-4
+    _, dec_attn, _ = original_decode(original, encoder, decoder, sample)
+    padded_steps = torch.arange(batch.query_in.shape[-1]) >= lengths.unsqueeze(1)   # (nq, Tqi)
+    assert (dec_attn[0][padded_steps] > 1e-3).all()           # the original: real weight on padding
+    decoded = model.greedy_decode(batch, MAX_LENGTH, return_attention=True)
+    assert (decoded.decoder_attention[0, :, 0][padded_steps] == 0).all()  # ours: none
+
+    # That is the whole difference: one query per episode (nothing to pad), the original gives every query
+    # our loss, computed in our padded batch.
+    with torch.no_grad():
+        per_query = our_query_losses(model, batch)
+    queries = record["query"] + record["support"]
+    for q, item in enumerate(queries):
+        alone = original.build_sample(
+            [it["input"].split() for it in record["support"]], [it["output"].split() for it in record["support"]],
+            [item["input"].split()], [item["output"].split()],
+            original_lang(original, "input"), original_lang(original, "output"), "")
+        torch.testing.assert_close(original_loss(original, encoder, decoder, alone), per_query[q].item(),
+                                   atol=1e-5, rtol=1e-5)
