@@ -1,0 +1,176 @@
+"""The aggregate of a grid of runs: OUT/results.json, OUT/results.md and OUT/results.png.
+
+Each run contributes what its eval report says: validation retrieval and generalization, and the accuracy
+on its SCAN test split. Per (experiment, variant), each metric is the mean and the sample standard deviation
+(n - 1 in the denominator; none for a single seed) over the seeds that finished, beside the paper's number.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from evalsuite.report import RESULTS_NAME
+from evalsuite.splits import SCAN_TEST_SPLITS, TYPE_SPLITS, VALIDATION
+from pipeline import provenance
+from pipeline.shardio import write_bytes_atomically
+
+RUN_RECORD = "run.json"
+VAL_GENERALIZATION, VAL_RETRIEVAL = "validation_generalization", "validation_retrieval"
+
+# The paper's numbers for the full model, as widely cited (DESIGN.md): ME is solved (100% on held-out
+# episodes); add jump is reported for permutation meta-training; around right is cited as 98.71 or 99.9.
+PAPER = {
+    ("ME", VAL_GENERALIZATION): 100.0,
+    ("scan_prim_permutation", "addprim_jump"): SCAN_TEST_SPLITS["addprim_jump"].paper,
+    ("scan_around_right", "template_around_right"): SCAN_TEST_SPLITS["template_around_right"].paper,
+    ("scan_length", "length"): SCAN_TEST_SPLITS["length"].paper,
+}
+METRIC_LABELS = {VAL_GENERALIZATION: "val generalization", VAL_RETRIEVAL: "val retrieval",
+                 "addprim_jump": "add jump", "template_around_right": "around right", "length": "length"}
+
+
+def scan_test_split(experiment: str) -> str | None:
+    return next((s for s in TYPE_SPLITS[experiment] if s != VALIDATION), None)
+
+
+def run_metrics(results: dict) -> dict[str, float | None]:
+    """The numbers a run contributes, from its eval results.json."""
+    splits = results["splits"]
+    metrics = {}
+    if VALIDATION in splits:
+        metrics[VAL_GENERALIZATION] = splits[VALIDATION].get("generalization")
+        metrics[VAL_RETRIEVAL] = splits[VALIDATION].get("retrieval")
+    for name, scores in splits.items():
+        if name in SCAN_TEST_SPLITS:
+            metrics[name] = scores.get("accuracy")
+    return metrics
+
+
+def read_run(out: Path, run) -> dict:
+    """One run's row: its status and times from run.json, its metrics from its eval report."""
+    folder = run.dir(out)
+    record = json.loads((folder / RUN_RECORD).read_text()) if (folder / RUN_RECORD).is_file() else {}
+    row = {"experiment": run.experiment, "variant": run.variant, "seed": run.seed,
+           "status": record.get("status", "missing"), "error": record.get("error"),
+           "train_seconds": record.get("train_seconds"), "eval_seconds": record.get("eval_seconds"),
+           "metrics": {}, "dir": str(folder)}
+    results_path = run.eval_dir(out) / RESULTS_NAME
+    if row["status"] == "done" and results_path.is_file():
+        results = json.loads(results_path.read_text())
+        row["metrics"] = run_metrics(results)
+        row["episodes"] = results["checkpoint"].get("episodes_done")
+    return row
+
+
+def summarize(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values) if values else None,
+            "sd": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def group_rows(rows: list[dict]) -> list[dict]:
+    """One group per (experiment, variant), in grid order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["experiment"], row["variant"]), []).append(row)
+    out = []
+    for (experiment, variant), members in groups.items():
+        done = [m for m in members if m["status"] == "done"]
+        names = [VAL_GENERALIZATION, VAL_RETRIEVAL] + ([scan_test_split(experiment)] if scan_test_split(experiment) else [])
+        metrics = {}
+        for name in names:
+            values = [m["metrics"][name] for m in done if m["metrics"].get(name) is not None]
+            paper = PAPER.get((experiment, name)) if variant == "full" else None
+            metrics[name] = {**summarize(values), "values": {m["seed"]: m["metrics"].get(name) for m in done},
+                             "paper": paper}
+        times = [m["train_seconds"] for m in done if m["train_seconds"]]
+        out.append({"experiment": experiment, "variant": variant, "seeds": [m["seed"] for m in members],
+                    "finished": len(done), "metrics": metrics, "train_seconds": summarize(times),
+                    "failed": [{"seed": m["seed"], "status": m["status"], "error": m["error"]}
+                               for m in members if m["status"] != "done"]})
+    return out
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def format_stat(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "-"
+    sd = f" ± {stat['sd']:.2f}" if stat["sd"] is not None else ""
+    return f"{stat['mean']:.2f}{sd} (n={stat['n']})"
+
+
+def markdown_table(groups: list[dict], meta: dict) -> str:
+    lines = [f"Machine: {meta['provenance']['cpu']} · torch {meta['provenance']['torch']} · "
+             f"commit {meta['provenance']['git_commit']}", "",
+             "Accuracy in %: mean ± sd over seeds (n seeds finished). Paper: Lake (2019), as widely cited.", "",
+             "| experiment | variant | val generalization | val retrieval | SCAN test split | test accuracy | paper | "
+             "train time per run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        split = scan_test_split(g["experiment"])
+        m = g["metrics"]
+        headline = split or VAL_GENERALIZATION
+        paper = m[headline]["paper"]
+        lines.append(f"| {g['experiment']} | {g['variant']} | {format_stat(m[VAL_GENERALIZATION])} | "
+                     f"{format_stat(m[VAL_RETRIEVAL])} | {METRIC_LABELS.get(split, '-') if split else '-'} | "
+                     f"{format_stat(m[split]) if split else '-'} | {'-' if paper is None else f'{paper:.2f}'} | "
+                     f"{format_duration(g['train_seconds']['mean'])} |")
+    failures = [f"- {g['experiment']}/{g['variant']}/seed{f['seed']}: {f['status']}" + (f" ({f['error']})" if f['error'] else "")
+                for g in groups for f in g["failed"]]
+    if failures:
+        lines += ["", "Runs not finished:", *failures]
+    return "\n".join(lines) + "\n"
+
+
+def aggregate_grid(out: str | Path, runs: list, grid_config: dict) -> dict:
+    """Write OUT/results.json, results.md and results.png for these runs; return the aggregate."""
+    out = Path(out)
+    rows = [read_run(out, run) for run in runs]
+    groups = group_rows(rows)
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    summary = {"grid": {k: (list(v) if isinstance(v, tuple) else v) for k, v in grid_config.items()},
+               "provenance": provenance.collect(), "groups": groups, "runs": rows,
+               "paths": {k: str(v) for k, v in paths.items()}}
+    write_bytes_atomically(paths["json"], (json.dumps(summary, indent=2) + "\n").encode())
+    write_bytes_atomically(paths["md"], markdown_table(groups, summary).encode())
+    plot_grid(groups, paths["png"])
+    return summary
+
+
+def plot_grid(groups: list[dict], path: Path) -> None:
+    """One panel per metric; each (experiment, variant) a column, each seed a dot, the paper's number a cross."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [n for n in METRIC_LABELS if any(n in g["metrics"] for g in groups)]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        columns = [g for g in groups if name in g["metrics"]]
+        for x, g in enumerate(columns):
+            values = [v for v in g["metrics"][name]["values"].values() if v is not None]
+            ax.scatter([x] * len(values), values, color="tab:blue", zorder=3, label="seed" if x == 0 else None)
+            if g["metrics"][name]["paper"] is not None:
+                ax.scatter([x], [g["metrics"][name]["paper"]], marker="x", s=80, color="tab:red", zorder=4,
+                           label="paper")
+        ax.set_xticks(range(len(columns)), [f"{g['experiment']}\n{g['variant']}" for g in columns],
+                      rotation=60, ha="right", fontsize=7)
+        ax.set(title=METRIC_LABELS[name], ylim=(-3, 103), xlim=(-0.6, len(columns) - 0.4), ylabel="accuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    by_label = dict(zip(labels, handles))
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            by_label.setdefault(label, handle)
+    fig.legend(by_label.values(), by_label.keys(), loc="upper right")
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

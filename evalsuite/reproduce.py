@@ -1,0 +1,381 @@
+"""`cli.py reproduce`: the paper's grid of runs in one command, idempotent and resumable.
+
+A run is (experiment, variant, seed). Each seed has its own store (`generate --seed k`), and the run trains
+with `--seed k` (model init and data order), so the spread over seeds is honest. Every run lives in
+`OUT/<experiment>/<variant>/seed<k>/`: the checkpoint, its metrics log and curve, the eval report in `eval/`,
+the train and eval logs, and `run.json` (what was run, how long it took, how it ended).
+
+Runs are separate `cli.py train` / `cli.py eval` processes, `--jobs` at a time with the threads split between
+them: a failed run cannot take the others down, and a killed grid leaves each run's last checkpoint behind.
+Run again with the same arguments, a grid skips finished runs, resumes interrupted ones and evaluates
+trained ones, so nothing is lost and nothing is done twice. The aggregate (aggregate.py) comes at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from evalsuite.aggregate import METRIC_LABELS, RUN_RECORD, VAL_RETRIEVAL, aggregate_grid, format_duration, run_metrics
+from evalsuite.report import RESULTS_NAME
+from pipeline import store as episode_store
+from pipeline.errors import UserError
+from pipeline.samplers import EPISODE_TYPES
+from pipeline.shardio import check_writable_dir, file_sha256, write_bytes_atomically
+from trainer.checkpoint import load_checkpoint
+from trainer.train import TrainConfig
+
+# The paper's ablations, as flags of `cli.py train`.
+VARIANT_FLAGS = {
+    "full": {},
+    "no_memory": {"disable_memory": True},
+    "no_attention": {"disable_attention": True},
+    "no_support_loss": {"disable_recon_loss": True},
+}
+# Training settings that make two runs the same run; a checkpoint that differs in one of them is another run.
+RUN_KEYS = ("episode_type", "batch_size", "lr", "lr_decay_schedule", "nlayers", "emb_size", "dropout",
+            "disable_memory", "disable_attention", "disable_recon_loss", "seed", "workers", "amp")
+# `cli.py train` flags a grid passes through when given (None: train's own default).
+PASS_THROUGH = ("num_episodes", "batch_size", "lr", "lr_decay_schedule", "nlayers", "emb_size", "dropout",
+                "amp", "device", "workers", "val_every", "checkpoint_every")
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class ReproduceConfig:
+    experiments: tuple[str, ...] = EPISODE_TYPES
+    seeds: tuple[int, ...] = (0,)
+    variants: tuple[str, ...] = ("full",)
+    jobs: int = 1
+    out: str = "runs"
+    threads: int | None = None         # threads for the whole grid, split over the jobs [default: all cores]
+    num_episodes: int = 10000
+    batch_size: int | None = None      # None: train's default for the experiment
+    lr: float | None = None
+    lr_decay_schedule: int | None = None
+    nlayers: int | None = None
+    emb_size: int | None = None
+    dropout: float | None = None
+    amp: str | None = None
+    device: str | None = None
+    workers: int | None = None
+    val_every: int | None = None
+    checkpoint_every: int | None = None
+    num_val_episodes: int = 5
+
+    def __post_init__(self):
+        check_grid(self)
+
+    @property
+    def threads_per_job(self) -> int:
+        return max(1, (self.threads or os.cpu_count() or 1) // self.jobs)
+
+    def train_flags(self) -> dict:
+        return {name: getattr(self, name) for name in PASS_THROUGH if getattr(self, name) is not None}
+
+
+def check_grid(cfg: ReproduceConfig) -> None:
+    """Every mistake in the grid is one line, before any work."""
+    for name, given, known in (("experiment", cfg.experiments, EPISODE_TYPES), ("variant", cfg.variants, VARIANT_FLAGS)):
+        unknown = [x for x in given if x not in known]
+        if unknown or not given:
+            raise UserError(f"unknown {name} {unknown[0] if unknown else '(none given)'!r}; choose from: "
+                            f"{', '.join(known)}")
+    if not cfg.seeds or any(not isinstance(s, int) or s < 0 for s in cfg.seeds):
+        raise UserError(f"--seeds must be non-negative integers, got {cfg.seeds!r}")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise UserError(f"--seeds lists a seed twice: {cfg.seeds!r}")
+    if cfg.jobs < 1 or (cfg.threads is not None and cfg.threads < 1):
+        raise UserError(f"--jobs and --threads must be at least 1, got {cfg.jobs} and {cfg.threads}")
+    if cfg.num_episodes < 1:
+        raise UserError(f"--num_episodes must be positive, got {cfg.num_episodes}")
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Run:
+    experiment: str
+    variant: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.experiment}/{self.variant}/seed{self.seed}"
+
+    def dir(self, out: str | Path) -> Path:
+        return Path(out) / self.experiment / self.variant / f"seed{self.seed}"
+
+    def checkpoint(self, out: str | Path) -> Path:
+        return self.dir(out) / f"net_{self.experiment}.pt"
+
+    def eval_dir(self, out: str | Path) -> Path:
+        return self.dir(out) / "eval"
+
+
+def grid_runs(cfg: ReproduceConfig) -> list[Run]:
+    return [Run(e, v, s) for e in cfg.experiments for v in cfg.variants for s in cfg.seeds]
+
+
+def store_path(cfg: ReproduceConfig, experiment: str, seed: int) -> Path:
+    return Path(cfg.out) / "stores" / f"seed{seed}" / experiment
+
+
+def expected_config(cfg: ReproduceConfig, run: Run) -> TrainConfig:
+    """The TrainConfig `cli.py train` will resolve for this run (its defaults included)."""
+    return TrainConfig(episode_type=run.experiment, seed=run.seed, store=str(store_path(cfg, run.experiment, run.seed)),
+                       **VARIANT_FLAGS[run.variant], **cfg.train_flags())
+
+
+# ---- the state of a run on disk ---------------------------------------------------------------------------
+
+@dataclass
+class RunState:
+    status: str            # new | partial | trained | done
+    episodes_done: int = 0
+
+
+def run_state(cfg: ReproduceConfig, run: Run) -> RunState:
+    """Where a run stands, from its files; a run of other settings in its folder is an error."""
+    path = run.checkpoint(cfg.out)
+    if not path.is_file():
+        return RunState("new")
+    ckpt = load_checkpoint(path)
+    want, have = asdict(expected_config(cfg, run)), ckpt["train_config"]
+    for key in RUN_KEYS:
+        if have.get(key, want[key]) != want[key]:
+            raise UserError(f"{run.dir(cfg.out)} holds a run with {key}={have.get(key)!r}, this grid asks for "
+                            f"{want[key]!r}: use another --out, or remove that folder")
+    done = int(ckpt["episodes_done"])
+    if done > cfg.num_episodes:
+        raise UserError(f"{run.dir(cfg.out)} was trained for {done} episodes, more than --num_episodes "
+                        f"{cfg.num_episodes}: use another --out, or remove that folder")
+    if done < cfg.num_episodes:
+        return RunState("partial", done)
+    return RunState("done" if eval_is_current(cfg, run) else "trained", done)
+
+
+def eval_is_current(cfg: ReproduceConfig, run: Run) -> bool:
+    results = run.eval_dir(cfg.out) / RESULTS_NAME
+    if not results.is_file():
+        return False
+    try:
+        recorded = json.loads(results.read_text())["checkpoint"]["sha256"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return recorded == file_sha256(run.checkpoint(cfg.out))
+
+
+def check_runs(cfg: ReproduceConfig, runs: list[Run]) -> dict[Run, RunState]:
+    check_writable_dir(Path(cfg.out), "--out")
+    return {run: run_state(cfg, run) for run in runs}
+
+
+# ---- stores -----------------------------------------------------------------------------------------------
+
+def prepare_stores(cfg: ReproduceConfig, runs: list[Run], say) -> None:
+    """One store per (experiment, seed) that a run still trains on, generated once before any training."""
+    for experiment, seed in dict.fromkeys((r.experiment, r.seed) for r in runs):
+        path = store_path(cfg, experiment, seed)
+        if (path / "manifest.json").is_file():
+            held = episode_store.load_manifest(path)["counts"]["train"]
+            if held < cfg.num_episodes:
+                raise UserError(f"the store {path} holds {held} training episodes, fewer than --num_episodes "
+                                f"{cfg.num_episodes}: remove it to have it generated again")
+            continue
+        say(f"generating {path} ({cfg.num_episodes} episodes, seed {seed})")
+        episode_store.generate(episode_store.GenerateConfig(
+            episode_type=experiment, num_episodes=cfg.num_episodes, num_val_episodes=cfg.num_val_episodes,
+            seed=seed, out=str(path.parent), progress=False))
+
+
+# ---- running one run --------------------------------------------------------------------------------------
+
+def cli_args(flags: dict) -> list[str]:
+    args = []
+    for name, value in flags.items():
+        if value is True:
+            args.append(f"--{name}")
+        elif value is not False:
+            args += [f"--{name}", str(value)]
+    return args
+
+
+def train_command(cfg: ReproduceConfig, run: Run, resume: bool) -> list[str]:
+    flags = {"episode_type": run.experiment, "store": str(store_path(cfg, run.experiment, run.seed)),
+             "seed": run.seed, "dir_model": str(run.dir(cfg.out)), "threads": cfg.threads_per_job,
+             **VARIANT_FLAGS[run.variant], **cfg.train_flags(), "no_generate": True, "no_progress": True,
+             "resume": resume}
+    return [sys.executable, "-m", "cli", "train", *cli_args(flags)]
+
+
+def eval_command(cfg: ReproduceConfig, run: Run) -> list[str]:
+    flags = {"checkpoint": str(run.checkpoint(cfg.out)), "out": str(run.eval_dir(cfg.out)),
+             "threads": cfg.threads_per_job, "device": cfg.device, "no_progress": True}
+    return [sys.executable, "-m", "cli", "eval", *cli_args({k: v for k, v in flags.items() if v is not None})]
+
+
+@dataclass
+class RunRecord:
+    """run.json: what a run is and how its attempts went, kept across invocations."""
+    experiment: str
+    variant: str
+    seed: int
+    status: str = "new"                   # new | partial | trained | done | failed | interrupted
+    train_seconds: float = 0.0            # summed over the attempts that trained
+    eval_seconds: float = 0.0
+    attempts: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+    @classmethod
+    def load(cls, cfg: ReproduceConfig, run: Run) -> "RunRecord":
+        path = run.dir(cfg.out) / RUN_RECORD
+        if path.is_file():
+            return cls(**json.loads(path.read_text()))
+        return cls(run.experiment, run.variant, run.seed)
+
+    def save(self, cfg: ReproduceConfig, run: Run) -> None:
+        path = run.dir(cfg.out) / RUN_RECORD
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomically(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
+
+
+class Grid:
+    """Runs the runs, `jobs` at a time; on Ctrl-C or SIGTERM it stops starting runs and lets the running
+    ones checkpoint (they get SIGINT), then exits 130."""
+
+    def __init__(self, cfg: ReproduceConfig, say):
+        self.cfg, self.say = cfg, say
+        self.stopping = threading.Event()
+        self.children: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+
+    def step(self, run: Run, record: RunRecord, name: str, command: list[str]) -> int:
+        """Run one `cli.py` subprocess, its output appended to the run's `<name>.log`; returns its exit code."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        log_path = run.dir(self.cfg.out) / f"{name}.log"
+        start = time.time()
+        with open(log_path, "a") as log:
+            log.write(f"$ {' '.join(command)}\n")
+            log.flush()
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+            with self.lock:
+                self.children.add(child)
+            code = child.wait()
+            with self.lock:
+                self.children.discard(child)
+        seconds = time.time() - start
+        setattr(record, f"{name}_seconds", round(getattr(record, f"{name}_seconds") + seconds, 1))
+        record.attempts.append({"step": name, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
+                                "seconds": round(seconds, 1), "exit_code": code})
+        return code
+
+    def execute(self, run: Run, state: RunState) -> RunRecord:
+        record = RunRecord.load(self.cfg, run)
+        run.dir(self.cfg.out).mkdir(parents=True, exist_ok=True)
+        record.error = None
+        steps = []
+        if state.status in ("new", "partial"):
+            steps.append(("train", train_command(self.cfg, run, resume=state.status == "partial")))
+        if state.status != "done":
+            steps.append(("eval", eval_command(self.cfg, run)))
+        for name, command in steps:
+            if self.stopping.is_set():
+                record.status = "interrupted"
+                break
+            code = self.step(run, record, name, command)
+            if code != 0:
+                record.status = "interrupted" if code == EXIT_INTERRUPTED or self.stopping.is_set() else "failed"
+                record.error = f"{name} exited {code}: {last_line(run.dir(self.cfg.out) / f'{name}.log')}"
+                break
+        else:
+            record.status = "done"
+        record.save(self.cfg, run)
+        return record
+
+    def interrupt(self) -> None:
+        self.stopping.set()
+        with self.lock:
+            for child in self.children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGINT)  # train checkpoints at the end of its step and exits 130
+
+
+def last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    return lines[-1][:300] if lines else "no output"
+
+
+def describe(record: RunRecord, cfg: ReproduceConfig, run: Run) -> str:
+    if record.status != "done":
+        return f"{record.status.upper()}: {record.error or ''}".rstrip(": ")
+    results = json.loads((run.eval_dir(cfg.out) / RESULTS_NAME).read_text())
+    parts = [f"{METRIC_LABELS[name]} {'n/a' if value is None else f'{value:.2f}%'}"
+             for name, value in run_metrics(results).items() if name != VAL_RETRIEVAL]
+    return (f"done (train {format_duration(record.train_seconds)}, eval {format_duration(record.eval_seconds)}): "
+            + ", ".join(parts))
+
+
+def reproduce(cfg: ReproduceConfig, say=print) -> dict:
+    """Run the grid (what is not done yet), then aggregate it into OUT/results.{json,md,png}."""
+    runs = grid_runs(cfg)
+    states = check_runs(cfg, runs)
+    todo = [r for r in runs if states[r].status != "done"]
+    for run in runs:
+        if states[run].status == "done":
+            say(f"[skip] {run.name}: finished, evaluated")
+    prepare_stores(cfg, [r for r in todo if states[r].status in ("new", "partial")], say)
+    grid = Grid(cfg, say)
+    interrupted = _run_all(grid, todo, states, say, total=len(runs), done=len(runs) - len(todo))
+    summary = aggregate_grid(cfg.out, runs, vars(cfg))
+    say(f"aggregate: {summary['paths']['md']}")
+    if interrupted:
+        raise KeyboardInterrupt
+    return summary
+
+
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def _run_all(grid: Grid, todo: list[Run], states: dict, say, total: int, done: int) -> bool:
+    """Returns whether the grid was interrupted (Ctrl-C, or SIGTERM handled as Ctrl-C)."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    pool = ThreadPoolExecutor(max_workers=grid.cfg.jobs)
+    try:
+        for run in todo:
+            if states[run].status == "partial":
+                say(f"[resume] {run.name}: from episode {states[run].episodes_done}")
+        futures = {pool.submit(grid.execute, run, states[run]): run for run in todo}
+        pending = set(futures)
+        while pending:
+            try:
+                finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    done += 1
+                    say(f"[{done}/{total}] {futures[future].name}: {describe(future.result(), grid.cfg, futures[future])}")
+            except KeyboardInterrupt:
+                if not grid.stopping.is_set():
+                    say("interrupted: the running runs write a checkpoint; no new run starts")
+                grid.interrupt()
+    finally:
+        pool.shutdown(wait=True)
+        signal.signal(signal.SIGTERM, previous)
+    return grid.stopping.is_set()

@@ -1,0 +1,163 @@
+"""`cli.py reproduce`: a tiny grid end to end, idempotence, kill and resume, the aggregate, bad grids."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from evalsuite.aggregate import aggregate_grid
+from evalsuite.reproduce import Run
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--num_episodes", "48", "--emb_size", "16", "--nlayers", "1", "--batch_size", "8", "--threads", "1"]
+
+
+def reproduce(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "cli.py", "reproduce", "--out", str(out), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid")
+    result = reproduce(out, "--experiments", "ME,scan_around_right", "--seeds", "0,1", "--jobs", "2", *TINY)
+    assert result.returncode == 0, result.stderr + result.stdout
+    return out, result
+
+
+def test_a_tiny_grid_writes_every_file(tiny_grid):
+    out, result = tiny_grid
+    for experiment in ("ME", "scan_around_right"):
+        for seed in (0, 1):
+            run = Run(experiment, "full", seed)
+            folder = run.dir(out)
+            for name in (f"net_{experiment}.pt", f"net_{experiment}.metrics.jsonl", f"net_{experiment}.curve.png",
+                         "run.json", "train.log", "eval.log", "eval/results.json", "eval/predictions_validation.jsonl"):
+                assert (folder / name).is_file(), folder / name
+            assert json.loads((folder / "run.json").read_text())["status"] == "done"
+            ckpt = torch.load(run.checkpoint(out), weights_only=True)
+            assert ckpt["train_config"]["seed"] == seed and ckpt["episodes_done"] == 48
+            assert Path(ckpt["store"]) == out / "stores" / f"seed{seed}" / experiment  # its own store per seed
+    assert (out / "scan_around_right/full/seed0/eval/predictions_template_around_right.jsonl").is_file()
+    for name in ("results.json", "results.md", "results.png"):
+        assert (out / name).stat().st_size > 0
+    assert result.stdout.count("done (train") == 4  # a progress line per finished run
+    table = (out / "results.md").read_text()
+    assert "| ME | full |" in table and "| scan_around_right | full |" in table and "(n=2)" in table
+
+
+def test_the_seeds_differ_in_store_init_and_order(tiny_grid):
+    out, _ = tiny_grid
+    manifests = [json.loads((out / "stores" / f"seed{s}" / "ME" / "manifest.json").read_text()) for s in (0, 1)]
+    assert manifests[0]["shards"][0]["sha256"] != manifests[1]["shards"][0]["sha256"]
+    weights = [torch.load(Run("ME", "full", s).checkpoint(out), weights_only=True)["model"] for s in (0, 1)]
+    assert not torch.equal(weights[0]["out.weight"], weights[1]["out.weight"])
+
+
+def test_running_the_same_grid_again_skips_every_run(tiny_grid):
+    out, _ = tiny_grid
+    checkpoints = sorted(out.glob("*/full/seed*/net_*.pt"))
+    before = [p.stat().st_mtime_ns for p in checkpoints]
+    again = reproduce(out, "--experiments", "ME,scan_around_right", "--seeds", "0,1", "--jobs", "2", *TINY)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("[skip]") == 4 and "done (train" not in again.stdout
+    assert [p.stat().st_mtime_ns for p in checkpoints] == before
+
+
+def test_a_grid_with_other_settings_in_the_same_folder_is_refused(tiny_grid):
+    out, _ = tiny_grid
+    result = reproduce(out, "--experiments", "ME", "--seeds", "0", *TINY[:-4], "--batch_size", "4", "--threads", "1")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "batch_size=8" in result.stderr and "another --out" in result.stderr
+
+
+def write_fake_run(out: Path, run: Run, status: str, splits: dict) -> None:
+    folder = run.dir(out)
+    (folder / "eval").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"status": status, "train_seconds": 60.0 * (run.seed + 1),
+                                                 "eval_seconds": 1.0, "error": None}))
+    (folder / "eval" / "results.json").write_text(json.dumps(
+        {"checkpoint": {"episodes_done": 100}, "splits": splits}))
+
+
+def test_the_aggregate_equals_a_hand_computation(tmp_path):
+    jump = {0: 99.5, 1: 98.25, 2: 100.0}
+    runs = [Run("scan_prim_permutation", "full", seed) for seed in jump] + [Run("ME", "full", 0), Run("ME", "full", 1)]
+    for run in runs[:3]:
+        write_fake_run(tmp_path, run, "done", {
+            "validation": {"generalization": 90.0 + run.seed, "retrieval": 100.0},
+            "addprim_jump": {"accuracy": jump[run.seed]}})
+    write_fake_run(tmp_path, runs[3], "done", {"validation": {"generalization": 100.0, "retrieval": 100.0}})
+    write_fake_run(tmp_path, runs[4], "failed", {})
+    summary = aggregate_grid(tmp_path, runs, {"seeds": [0, 1, 2]})
+
+    perm, me = summary["groups"]
+    mean = sum(jump.values()) / 3
+    sd = math.sqrt(sum((v - mean) ** 2 for v in jump.values()) / 2)
+    assert perm["metrics"]["addprim_jump"]["mean"] == pytest.approx(mean)
+    assert perm["metrics"]["addprim_jump"]["sd"] == pytest.approx(sd)
+    assert perm["metrics"]["addprim_jump"]["paper"] == 99.95
+    assert perm["metrics"]["validation_generalization"]["mean"] == pytest.approx(91.0)
+    assert perm["train_seconds"]["mean"] == pytest.approx(120.0)
+    # The failed ME seed is reported, not averaged in; a single seed has no sd.
+    me_gen = me["metrics"]["validation_generalization"]
+    assert (me_gen["mean"], me_gen["sd"], me_gen["n"], me_gen["paper"]) == (100.0, None, 1, 100.0)
+    assert me["failed"] == [{"seed": 1, "status": "failed", "error": None}]
+    table = (tmp_path / "results.md").read_text()
+    assert f"{mean:.2f} ± {sd:.2f} (n=3)" in table and "ME/full/seed1: failed" in table
+    assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--experiments", "ME,nope"], "unknown experiment 'nope'"),
+    (["--variants", "full,no_memry"], "unknown variant 'no_memry'"),
+    (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
+    (["--jobs", "0"], "--jobs and --threads must be at least 1"),
+])
+def test_a_bad_grid_is_one_line_before_any_work(tmp_path, args, message):
+    out = tmp_path / "runs"
+    result = reproduce(out, *args)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and message in result.stderr
+    assert not out.exists()
+
+
+def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
+    """Seed 0 finishes; seed 1 is interrupted mid-training; the same command then finishes only seed 1, from its
+    checkpoint, and the metrics show no episode trained twice."""
+    args = ["--experiments", "ME", "--seeds", "0,1", "--jobs", "1", "--num_episodes", "1600", "--emb_size", "16",
+            "--nlayers", "1", "--batch_size", "8", "--threads", "1", "--val_every", "80", "--checkpoint_every", "80"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    grid = subprocess.Popen([sys.executable, "cli.py", "reproduce", "--out", str(tmp_path), *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = Run("ME", "full", 1)
+    deadline = time.time() + 300
+    while not second.checkpoint(tmp_path).is_file() and time.time() < deadline and grid.poll() is None:
+        time.sleep(0.05)
+    grid.send_signal(signal.SIGINT)
+    stdout, stderr = grid.communicate(timeout=120)
+    assert grid.returncode == 130, stderr
+    interrupted_at = torch.load(second.checkpoint(tmp_path), weights_only=True)["episodes_done"]
+    assert 0 < interrupted_at < 1600, "the run finished before the interrupt: make it longer"
+    assert json.loads((second.dir(tmp_path) / "run.json").read_text())["status"] == "interrupted"
+
+    first_ckpt = Run("ME", "full", 0).checkpoint(tmp_path)
+    first_mtime = first_ckpt.stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "cli.py", "reproduce", "--out", str(tmp_path), *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "[skip] ME/full/seed0" in again.stdout and f"[resume] ME/full/seed1: from episode {interrupted_at}" in again.stdout
+    assert first_ckpt.stat().st_mtime_ns == first_mtime
+    assert torch.load(second.checkpoint(tmp_path), weights_only=True)["episodes_done"] == 1600
+    episodes = [json.loads(line)["episodes"] for line in open(second.dir(tmp_path) / "net_ME.metrics.jsonl")]
+    assert episodes == sorted(set(episodes)) and episodes[-1] == 1600  # increasing: nothing trained twice
+    assert json.loads((second.dir(tmp_path) / "run.json").read_text())["status"] == "done"
