@@ -6,7 +6,6 @@ later (train, eval) get it for free.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,19 @@ from pipeline.samplers import EPISODE_TYPES
 from pipeline.store import GenerateConfig, generate as generate_store, verify_store
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _apply_thread_policy(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    from pipeline.threads import apply  # runs while parsing, before the command body imports torch
+    apply(value)
+
+
+# Every command that runs torch takes this one line: `@threads_option`. Its callback runs even when the
+# option is not given, so the policy (pipeline/threads.py) is set once, before torch loads.
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), default=None, expose_value=False, callback=_apply_thread_policy,
+    help="CPU threads for torch.  [default: $OMP_NUM_THREADS, else all usable cores]  Idle threads spin "
+         "briefly (GOMP_SPINCOUNT=1000) unless GOMP_SPINCOUNT or OMP_WAIT_POLICY is set.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,6 +105,7 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
 @click.option("--no_generate", is_flag=True, help="Fail instead of generating a missing store.")
 @click.option("--progress/--no_progress", default=True, help="Show a progress bar.")
+@threads_option
 def train(no_generate: bool, compile_model: bool, **kwargs) -> None:
     """Train the meta seq2seq model on the episode store; checkpoints go to dir_model."""
     from trainer.train import TrainConfig, train as run_train  # here: torch is slow to import
@@ -120,20 +133,50 @@ def train(no_generate: bool, compile_model: bool, **kwargs) -> None:
 @click.option("--store", default=None,
               help="The episode store, if it moved since training.  [default: the checkpoint's]")
 @click.option("--progress/--no_progress", default=True, help="Show a progress bar.")
+@threads_option
 def eval_command(**kwargs) -> None:
     """Score a checkpoint on its validation episodes and SCAN test split; write DIR/results.json,
     predictions_<split>.jsonl and (with --plot) attention heatmaps."""
-    # Idle OpenMP threads spin 1,000 rounds before they sleep (libgomp's own choice when oversubscribed), not
-    # 300,000: on a shared CPU the spinning took the cores from the threads doing the work (addprim_jump, E=200,
-    # 2 busy cores: 89-107 s spinning, 15 s not); on an idle CPU it costs 10-15%. Read when torch loads.
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     from evalsuite.evaluate import EvalConfig, evaluate  # here: it loads torch
     from evalsuite.report import summary_table
     cfg = EvalConfig(**kwargs)
     results = evaluate(cfg)
     click.echo(summary_table(results))
     click.echo(f"report: {cfg.out_dir}")
+
+
+@cli.command()
+@click.option("--experiments", default=",".join(EPISODE_TYPES), show_default=True,
+              help="Comma-separated episode types.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated integer seeds, e.g. 0,1,2.")
+@click.option("--variants", default="full", show_default=True,
+              help="Comma-separated: full, no_memory, no_attention, no_support_loss (the paper's ablations).")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Runs at the same time, as separate processes; the threads are split between them.")
+@click.option("--out", default="runs", show_default=True, help="Runs go to OUT/<experiment>/<variant>/seed<k>/.")
+@click.option("--threads", type=int, default=None,
+              help="Threads for the whole grid, split over the jobs.  [default: all cores]")
+@click.option("--num_episodes", type=int, default=10000, show_default=True, help="Training episodes per run.")
+@click.option("--batch_size", type=int, default=None, help="Passed to train.  [default: train's, per experiment]")
+@click.option("--lr", type=float, default=None, help="Passed to train.  [default: train's]")
+@click.option("--lr_decay_schedule", type=int, default=None, help="Passed to train.  [default: train's]")
+@click.option("--emb_size", type=int, default=None, help="Passed to train.  [default: train's]")
+@click.option("--nlayers", type=int, default=None, help="Passed to train.  [default: train's]")
+@click.option("--dropout", type=float, default=None, help="Passed to train.  [default: train's]")
+@click.option("--amp", default=None, type=click.Choice(["none", "bf16"]), help="Passed to train.  [default: none]")
+@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Passed to train and eval; jobs share one GPU.  [default: auto]")
+@click.option("--workers", type=int, default=None, help="Passed to train.  [default: train's]")
+@click.option("--val_every", type=int, default=None, help="Passed to train.  [default: train's]")
+@click.option("--checkpoint_every", type=int, default=None, help="Passed to train.  [default: train's]")
+@click.option("--num_val_episodes", type=int, default=5, show_default=True, help="Validation episodes per store.")
+def reproduce(experiments: str, seeds: str, variants: str, **kwargs) -> None:
+    """Train and evaluate the paper's grid (experiment x variant x seed), then aggregate it into
+    OUT/results.{json,md,png}. Finished runs are skipped, interrupted ones resumed: run it again after a kill."""
+    from evalsuite.reproduce import ReproduceConfig, parse_list, parse_seeds, reproduce as run_reproduce
+    cfg = ReproduceConfig(experiments=parse_list(experiments), seeds=parse_seeds(seeds),
+                          variants=parse_list(variants), **kwargs)
+    run_reproduce(cfg, say=lambda line: click.echo(line))
 
 
 @cli.group()
