@@ -30,7 +30,7 @@ from pipeline.verify import verify_store
 from pipeline.vocab import build_vocab
 
 __all__ = ["GenerateConfig", "generate", "verify_store", "load_manifest", "manifest_sha256", "shard_paths",
-           "GENERATOR_VERSION"]
+           "val_shards_sha256", "GENERATOR_VERSION"]
 CARD_NAME = "README.md"
 
 
@@ -104,6 +104,12 @@ def shard_paths(store: Path | str, split: str) -> list[Path]:
     manifest = load_manifest(store)
     return [Path(store) / s["name"] for s in sorted(manifest["shards"], key=lambda s: s["name"])
             if s["split"] == split]
+
+
+def val_shards_sha256(manifest: dict) -> dict[str, str]:
+    """{validation shard name: sha256}, as the manifest lists them: names the validation data exactly, and
+    stays the same when only the training episodes change (checkpoints record it, eval checks it)."""
+    return {s["name"]: s["sha256"] for s in sorted(manifest["shards"], key=lambda s: s["name"]) if s["split"] == "val"}
 
 
 def _check_config(cfg: GenerateConfig) -> None:
