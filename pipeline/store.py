@@ -45,13 +45,14 @@ class GenerateConfig:
     out: str = "shards"
     overwrite: bool = False   # replace a store made with other parameters
     progress: bool = True
+    store: str | None = None  # the exact store directory, instead of out/<episode_type> (train --store PATH)
 
 
 def generate(cfg: GenerateConfig) -> Path:
     """Write the store `cfg.out/cfg.episode_type` (or find it already identical) and return its path."""
     _check_config(cfg)
     sampler = get_sampler(cfg.episode_type)
-    store = Path(cfg.out) / cfg.episode_type
+    store = Path(cfg.store) if cfg.store else Path(cfg.out) / cfg.episode_type
     head = _manifest_head(cfg, sampler)
     with _store_lock(store):
         if _is_identical_store(store, head, cfg.overwrite):
