@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from evalsuite.report import RESULTS_NAME
 from evalsuite.splits import SCAN_TEST_SPLITS, TYPE_SPLITS, VALIDATION
 from pipeline import provenance
+from pipeline.samplers import EPISODE_TYPES
 from pipeline.shardio import write_bytes_atomically
 
 RUN_RECORD = "run.json"
+VARIANTS = ("full", "no_memory", "no_attention", "no_support_loss")  # the paper's ablations after the full model
 VAL_GENERALIZATION, VAL_RETRIEVAL = "validation_generalization", "validation_retrieval"
 
 # The paper's numbers for the full model, as widely cited (DESIGN.md): ME is solved (100% on held-out
@@ -28,6 +31,39 @@ PAPER = {
 }
 METRIC_LABELS = {VAL_GENERALIZATION: "val generalization", VAL_RETRIEVAL: "val retrieval",
                  "addprim_jump": "add jump", "template_around_right": "around right", "length": "length"}
+
+
+@dataclass(frozen=True)
+class Run:
+    experiment: str
+    variant: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.experiment}/{self.variant}/seed{self.seed}"
+
+    def dir(self, out: str | Path) -> Path:
+        return Path(out) / self.experiment / self.variant / f"seed{self.seed}"
+
+    def checkpoint(self, out: str | Path) -> Path:
+        return self.dir(out) / f"net_{self.experiment}.pt"
+
+    def eval_dir(self, out: str | Path) -> Path:
+        return self.dir(out) / "eval"
+
+    def sort_key(self) -> tuple:
+        return EPISODE_TYPES.index(self.experiment), VARIANTS.index(self.variant), self.seed
+
+
+def runs_in(out: Path) -> list[Run]:
+    """Every run folder under OUT that a grid has worked on (it has a run.json), whatever the grid."""
+    found = []
+    for path in Path(out).glob(f"*/*/seed*/{RUN_RECORD}"):
+        experiment, variant, seed = path.parts[-4], path.parts[-3], path.parts[-2][len("seed"):]
+        if experiment in EPISODE_TYPES and variant in VARIANTS and seed.isdigit():
+            found.append(Run(experiment, variant, int(seed)))
+    return found
 
 
 def scan_test_split(experiment: str) -> str | None:
@@ -129,9 +165,11 @@ def markdown_table(groups: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def aggregate_grid(out: str | Path, runs: list, grid_config: dict) -> dict:
-    """Write OUT/results.json, results.md and results.png for these runs; return the aggregate."""
+def aggregate_grid(out: str | Path, runs: list[Run], grid_config: dict) -> dict:
+    """Write OUT/results.json, results.md and results.png for these runs and every other run under OUT
+    (so that several grids into one OUT make one table); return the aggregate."""
     out = Path(out)
+    runs = sorted(set(runs) | set(runs_in(out)), key=Run.sort_key)
     rows = [read_run(out, run) for run in runs]
     groups = group_rows(rows)
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}

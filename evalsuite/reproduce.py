@@ -23,7 +23,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from evalsuite.aggregate import METRIC_LABELS, RUN_RECORD, VAL_RETRIEVAL, aggregate_grid, format_duration, run_metrics
+from evalsuite.aggregate import (METRIC_LABELS, RUN_RECORD, VAL_RETRIEVAL, Run, aggregate_grid,
+                                 format_duration, run_metrics)
 from evalsuite.report import RESULTS_NAME
 from pipeline import store as episode_store
 from pipeline.errors import UserError
@@ -33,7 +34,7 @@ from trainer.checkpoint import load_checkpoint
 from trainer.train import TrainConfig
 
 # The paper's ablations, as flags of `cli.py train`.
-VARIANT_FLAGS = {
+VARIANT_FLAGS = {  # keys in the order of aggregate.VARIANTS
     "full": {},
     "no_memory": {"disable_memory": True},
     "no_attention": {"disable_attention": True},
@@ -107,26 +108,6 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 def parse_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-@dataclass(frozen=True)
-class Run:
-    experiment: str
-    variant: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.experiment}/{self.variant}/seed{self.seed}"
-
-    def dir(self, out: str | Path) -> Path:
-        return Path(out) / self.experiment / self.variant / f"seed{self.seed}"
-
-    def checkpoint(self, out: str | Path) -> Path:
-        return self.dir(out) / f"net_{self.experiment}.pt"
-
-    def eval_dir(self, out: str | Path) -> Path:
-        return self.dir(out) / "eval"
 
 
 def grid_runs(cfg: ReproduceConfig) -> list[Run]:
@@ -242,6 +223,7 @@ class RunRecord:
     eval_seconds: float = 0.0
     attempts: list[dict] = field(default_factory=list)
     error: str | None = None
+    note: str | None = None               # e.g. how a run that was trained outside the grid was adopted
 
     @classmethod
     def load(cls, cfg: ReproduceConfig, run: Run) -> "RunRecord":
