@@ -100,7 +100,7 @@ def test_the_aggregate_equals_a_hand_computation(tmp_path):
     write_fake_run(tmp_path, runs[4], "failed", {})
     summary = aggregate_grid(tmp_path, runs, {"seeds": [0, 1, 2]})
 
-    perm, me = summary["groups"]
+    me, perm = summary["groups"]  # in the order of the episode types, whatever the order asked for
     mean = sum(jump.values()) / 3
     sd = math.sqrt(sum((v - mean) ** 2 for v in jump.values()) / 2)
     assert perm["metrics"]["addprim_jump"]["mean"] == pytest.approx(mean)
