@@ -9,9 +9,12 @@ back in the original order of the queries.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from trainer.batch import EpisodeBatch, make_batch
+from trainer.data import Tokenizer
 from trainer.model import MetaSeq2Seq, strip_decoded
 
 Ids = list[int]
@@ -59,3 +62,30 @@ def _decode_chunk(model: MetaSeq2Seq, support: list[tuple[Ids, Ids]], queries: l
 def shared_support_batch(support: list[tuple[Ids, Ids]], queries: list[Ids]) -> EpisodeBatch:
     """One pseudo-episode: the support set and the queries, whose targets the decoder does not see."""
     return make_batch([support], [[(q, []) for q in queries]])
+
+
+@dataclass
+class QueryAttention:
+    """Where the model looked while decoding one query (the heatmaps of --plot, the text of predict --attention)."""
+    outputs: list[str]             # the output tokens it wrote, EOS included when emitted
+    memory: torch.Tensor | None    # (Tqi, ns): query input token (then EOS) x support item; None: no memory
+    decoder: torch.Tensor | None   # (len(outputs), Tqi): output token x query input token (then EOS)
+
+
+def query_attention(model: MetaSeq2Seq, tokenizer: Tokenizer, support: list[tuple[str, str]], query: str,
+                    max_length: int, device: torch.device) -> QueryAttention:
+    """Greedy-decode one query against its support set, keeping both attentions (float32, on the CPU)."""
+    support_ids = [(tokenizer.encode_input(i), tokenizer.encode_output(o)) for i, o in support]
+    batch = make_batch([support_ids], [[(tokenizer.encode_input(query), [])]]).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            result = model.greedy_decode(batch, max_length, return_attention=True)
+    finally:
+        model.train(was_training)
+    length = int(result.lengths[0, 0])
+    outputs = [tokenizer.output_vocab[t] for t in result.tokens[0, 0, :length].tolist()]
+    memory = None if result.memory_attention is None else result.memory_attention[0, 0].float().cpu()
+    decoder = None if result.decoder_attention is None else result.decoder_attention[0, 0, :length].float().cpu()
+    return QueryAttention(outputs, memory, decoder)

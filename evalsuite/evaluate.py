@@ -19,7 +19,7 @@ from evalsuite.splits import (SCAN_FILE, SCAN_TEST_SPLITS, VALIDATION, parse_sup
                               scan_test_pairs, splits_for)
 from pipeline.errors import UserError
 from pipeline.shardio import file_sha256
-from pipeline.store import load_manifest, manifest_sha256, shard_paths
+from pipeline.store import load_manifest, manifest_sha256, shard_paths, val_shards_sha256
 from trainer.checkpoint import load_checkpoint
 from trainer.data import Tokenizer, read_records
 from trainer.evaluate import decode_records, episode_queries
@@ -31,7 +31,7 @@ from trainer.train import resolve_device
 class EvalConfig:
     checkpoint: str
     split: str | None = None        # default: the checkpoint's own splits (validation + its SCAN split)
-    out: str | None = None          # default: eval_out/<checkpoint stem>
+    out: str | None = None          # default: <checkpoint dir>/<checkpoint stem>.eval
     scan_file: str | None = None    # any SCAN-format file, evaluated with `support`
     support: str | None = None      # "jump=I_JUMP,walk=I_WALK"
     plot: int = 0                   # attention heatmaps of the first N queries of each split
@@ -43,7 +43,13 @@ class EvalConfig:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("eval_out") / Path(self.checkpoint).stem
+        """Beside the checkpoint by default, named after it: two runs' `net_ME.pt` never share a report."""
+        return Path(self.out) if self.out else default_out_dir(self.checkpoint)
+
+
+def default_out_dir(checkpoint: str | Path) -> Path:
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}.eval")
 
 
 @dataclass
@@ -60,6 +66,7 @@ class SplitTask:
     episodes: list[Episode]
     episodic: bool                    # several support sets: report each episode and their mean
     records: list[dict] | None = None  # validation: decoded by the trainer's own code path
+    source: dict | None = None         # --scan_file: the file's path and sha256, for the provenance
 
 
 @dataclass
@@ -78,8 +85,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     names = requested_splits(cfg, ckpt.get("episode_type"))
     loaded = load_model(ckpt, cfg)
     tasks = [prepare_split(name, loaded, cfg) for name in names]
-    report.check_writable(cfg.out_dir)  # now, not after minutes of decoding
+    report.check_destination(cfg.out_dir)  # now, not after minutes of decoding
     results = report.header(cfg.checkpoint, ckpt, loaded.max_length, str(loaded.device))
+    results["provenance"] |= {task.name: task.source for task in tasks if task.source is not None}
     decoded = {}
     for task in tasks:
         decoded[task.name], seconds = decode_task(task, loaded, cfg)
@@ -89,15 +97,17 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def write_report(cfg: EvalConfig, loaded: Loaded, tasks: list[SplitTask], decoded: dict, results: dict) -> None:
-    """Only after all decoding: an interrupted run leaves an earlier report whole. results.json goes first
-    and comes back last, so a results.json always describes the predictions and plots beside it."""
-    report.remove_results(cfg.out_dir)
-    for task in tasks:
-        report.write_predictions(cfg.out_dir, task.name, decoded[task.name], task.episodic)
-        if cfg.plot > 0:
-            from evalsuite.plots import plot_split  # matplotlib takes a second to import: only when asked
-            results["splits"][task.name]["plots"] = [p.name for p in plot_split(loaded, task, cfg.plot, cfg.out_dir)]
-    report.write_results(cfg.out_dir, results)
+    """Only after all decoding, into a fresh directory that then replaces the earlier report whole: an
+    interrupted run leaves the earlier report as it was, and no file of it survives beside the new one."""
+    def write_files(directory: Path) -> None:
+        for task in tasks:
+            report.write_predictions(directory, task.name, decoded[task.name], task.episodic)
+            if cfg.plot > 0:
+                from evalsuite.plots import plot_split  # matplotlib takes a second to import: only when asked
+                plots = plot_split(loaded, task, cfg.plot, directory)
+                results["splits"][task.name]["plots"] = [p.name for p in plots]
+        report.write_results(directory, results)
+    report.replace_report(cfg.out_dir, write_files)
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -169,6 +179,7 @@ def scan_file_task(path: str, support_spec: str, tokenizer: Tokenizer) -> SplitT
     except UserError as err:
         raise UserError(f"--support: {err}") from None
     queries, query_ids = [], []
+    source = {"path": str(Path(path).resolve()), "sha256": file_sha256(Path(path))}
     for number, pair in read_scan_file(path):
         try:  # the target's tokens too: a target the model cannot write is a mistake in the file
             query_ids.append(tokenizer.encode_input(pair.command))
@@ -176,7 +187,7 @@ def scan_file_task(path: str, support_spec: str, tokenizer: Tokenizer) -> SplitT
         except UserError as err:
             raise UserError(f"{path} line {number}: {err}") from None
         queries.append((pair.command, pair.actions))
-    return SplitTask(SCAN_FILE, [Episode(support, queries, support_ids, query_ids)], episodic=False)
+    return SplitTask(SCAN_FILE, [Episode(support, queries, support_ids, query_ids)], episodic=False, source=source)
 
 
 def validation_records(ckpt: dict, store_override: str | None) -> list[dict]:
@@ -187,9 +198,7 @@ def validation_records(ckpt: dict, store_override: str | None) -> list[dict]:
     if not (store / "manifest.json").is_file():
         raise UserError(f"no episode store at {store} (the checkpoint was trained on {ckpt.get('store')}); "
                         "pass --store PATH to point at it")
-    if manifest_sha256(store) != ckpt.get("manifest_sha256"):
-        raise UserError(f"the store {store} is not the one this checkpoint was trained on (its manifest hash "
-                        "differs); pass --store PATH to the right one")
+    check_validation_data(store, ckpt)
     expected = {e["name"]: e["sha256"] for e in load_manifest(store)["shards"]}
     paths = shard_paths(store, "val")
     for path in paths:
@@ -197,6 +206,30 @@ def validation_records(ckpt: dict, store_override: str | None) -> list[dict]:
             raise UserError(f"validation shard {path} is missing or damaged "
                             f"(run `python cli.py verify --store {store}`)")
     return read_records(paths)
+
+
+def check_validation_data(store: Path, ckpt: dict) -> None:
+    """The store's validation shards must be those the checkpoint was validated on. Checkpoints name them by
+    their sha256, so a store regenerated with other training episodes still fits; older checkpoints have
+    only the hash of the whole manifest, which any change to the store alters."""
+    recorded = ckpt.get("val_shards_sha256")
+    if recorded is None:
+        if manifest_sha256(store) != ckpt.get("manifest_sha256"):
+            raise UserError(f"the store {store} is not the one this checkpoint was trained on (its manifest hash "
+                            "differs, and the checkpoint predates validation shard hashes); pass --store PATH "
+                            "to the right one")
+        return
+    current = val_shards_sha256(load_manifest(store))
+    if current != recorded:
+        raise UserError(f"the validation shards of {store} are not the ones this checkpoint was validated on "
+                        f"({_first_difference(current, recorded)}); pass --store PATH to the right store")
+
+
+def _first_difference(current: dict, recorded: dict) -> str:
+    name = next(n for n in sorted(set(current) | set(recorded)) if current.get(n) != recorded.get(n))
+    def short(sha: str | None) -> str:
+        return "none" if sha is None else f"{sha[:12]}..."
+    return f"{name}: sha256 {short(current.get(name))} in the store, {short(recorded.get(name))} in the checkpoint"
 
 
 # ---- decoding and scoring --------------------------------------------------------------------------------

@@ -13,10 +13,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display needed (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
+from evalsuite.decode import query_attention as decode_attention  # noqa: E402
 from pipeline.vocab import EOS  # noqa: E402
-from trainer.batch import make_batch  # noqa: E402
 
 
 def plot_split(loaded, task, n: int, out_dir: Path) -> list[Path]:
@@ -44,19 +43,13 @@ def first_queries(task, n: int):
 
 
 def query_attention(loaded, episode, query: str):
-    """(output tokens, memory attention (Tqi, ns) or None, decoder attention (L, Tqi) or None)."""
-    tokenizer = loaded.tokenizer
-    support = [(tokenizer.encode_input(i), tokenizer.encode_output(o)) for i, o in episode.support]
-    batch = make_batch([support], [[(tokenizer.encode_input(query), [])]]).to(loaded.device)
-    with torch.inference_mode():
-        result = loaded.model.greedy_decode(batch, loaded.max_length, return_attention=True)
-    if result.memory_attention is None and result.decoder_attention is None:
+    """(output tokens, memory attention (Tqi, ns) or None, decoder attention (L, Tqi) or None); None when
+    the model has neither."""
+    found = decode_attention(loaded.model, loaded.tokenizer, episode.support, query, loaded.max_length,
+                             loaded.device)
+    if found.memory is None and found.decoder is None:
         return None
-    length = int(result.lengths[0, 0])
-    outputs = [tokenizer.output_vocab[t] for t in result.tokens[0, 0, :length].tolist()]
-    memory = None if result.memory_attention is None else result.memory_attention[0, 0].float().cpu()
-    decoder = None if result.decoder_attention is None else result.decoder_attention[0, 0, :length].float().cpu()
-    return outputs, memory, decoder
+    return found.outputs, found.memory, found.decoder
 
 
 CELL = 0.3  # inches per heatmap cell: room for one tick label

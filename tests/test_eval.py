@@ -6,7 +6,10 @@ for models this small (and steadier on a shared machine).
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -23,8 +26,9 @@ from evalsuite.report import summary_table
 from evalsuite.splits import SCAN_TEST_SPLITS, TYPE_SPLITS, parse_support, scan_test_pairs
 from pipeline.errors import UserError
 from pipeline.scan import TRUE_PRIMITIVES
+from pipeline.store import GenerateConfig, generate, load_manifest, manifest_sha256, val_shards_sha256
 from pipeline.vocab import EOS_ID, PAD_ID
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import Tokenizer
 from trainer.model import MetaSeq2Seq, ModelConfig
 from trainer.train import TrainConfig, train
@@ -174,8 +178,14 @@ def test_report_files_for_addprim_jump(aug_checkpoint, tmp_path):
         assert written["splits"][split]["plots"] == [f"attention_{split}_0.png", f"attention_{split}_1.png"]
         assert (tmp_path / f"attention_{split}_1.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*"))
+    assert written["files"] == sorted(p.name for p in tmp_path.iterdir())  # every file, and only those
     table = summary_table(results)
     assert "addprim_jump" in table and "99.95%" in table
+    # A narrower rerun into the same directory: the first run's predictions and plots must not survive.
+    rerun = evaluate(EvalConfig(str(aug_checkpoint), out=str(tmp_path), split="validation"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == rerun["files"] == ["predictions_validation.jsonl",
+                                                                             "results.json"]
+    assert not [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")]
 
 
 def test_length_reports_each_validation_episode_and_their_mean(length_checkpoint, tmp_path):
@@ -197,6 +207,8 @@ def test_scan_file_with_support(aug_checkpoint, tmp_path):
                                   support="jump=I_JUMP,walk=I_WALK"))
     split = results["splits"]["scan_file"]
     assert split["n"] == 2 and split["n_retrieval"] == 1 and split["paper"] is None
+    assert results["provenance"]["scan_file"] == {"path": str(scan_file.resolve()),
+                                                  "sha256": hashlib.sha256(scan_file.read_bytes()).hexdigest()}
     rows = read_jsonl(tmp_path / "out" / "predictions_scan_file.jsonl")
     assert [r["input"] for r in rows] == ["jump twice", "walk"] and [r["retrieval"] for r in rows] == [False, True]
 
@@ -219,6 +231,59 @@ def test_plots_skip_the_panel_an_ablated_model_lacks(tmp_path, ablation):
     assert (memory is None) == flags["disable_memory"] and (decoder is None) == flags["disable_attention"]
     assert memory is None or memory.shape == (3, 1)  # query tokens + EOS, support items
     assert [p.name for p in paths] == ["attention_validation_0.png"] and paths[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_record_where_they_came_from(me_checkpoint, tmp_path):
+    results = evaluate(EvalConfig(str(me_checkpoint), out=str(tmp_path / "o")))
+    made = results["provenance"]
+    assert (made["python"], made["torch"], made["device"]) == (platform.python_version(), torch.__version__, "cpu")
+    assert made["version"] == importlib.metadata.version("metaseq2seq") and made["started"][:2] == "20"
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert made["git_commit"].startswith(head.stdout.strip())
+    assert results["checkpoint"]["provenance"] == load_checkpoint(me_checkpoint).get("provenance")
+
+
+def test_default_report_is_beside_its_checkpoint(capsys, me_checkpoint, tmp_path):
+    """Two runs' checkpoints of the same name get two reports, each next to its checkpoint."""
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        shutil.copy(me_checkpoint, tmp_path / run / "net_ME.pt")
+        assert run_cli(cli, ["eval", "--checkpoint", str(tmp_path / run / "net_ME.pt"), "--no_progress"]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == f"report: {tmp_path / run / 'net_ME.eval'}"
+    for run in ("a", "b"):
+        written = json.loads((tmp_path / run / "net_ME.eval" / "results.json").read_text())
+        assert written["checkpoint"]["path"] == str(tmp_path / run / "net_ME.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_a_directory_that_is_not_only_a_report_is_refused_untouched(capsys, me_checkpoint, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, err = invoke(capsys, "--checkpoint", str(me_checkpoint), "--out", str(mine))
+    assert_one_error_line(code, err, "not empty and holds no eval report")
+    report = tmp_path / "report"
+    evaluate(EvalConfig(str(me_checkpoint), out=str(report)))
+    (report / "notes.txt").write_text("keep me too")
+    before = {p.name: p.read_bytes() for p in report.iterdir()}
+    code, err = invoke(capsys, "--checkpoint", str(me_checkpoint), "--out", str(report))
+    assert_one_error_line(code, err, "not part of its eval report (notes.txt)")
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == before
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_a_report_from_before_the_file_list_is_replaced_whole(me_checkpoint, tmp_path):
+    """Reports written before results.json listed its files: what their splits name is theirs."""
+    evaluate(EvalConfig(str(me_checkpoint), out=str(tmp_path), plot=1))
+    old = json.loads((tmp_path / "results.json").read_text())
+    del old["files"]
+    old["splits"]["addprim_jump"] = {"predictions": "predictions_addprim_jump.jsonl", "plots": []}
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    (tmp_path / "predictions_addprim_jump.jsonl").write_text("{}\n")
+    assert (tmp_path / "attention_validation_0.png").is_file()
+    evaluate(EvalConfig(str(me_checkpoint), out=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions_validation.jsonl", "results.json"]
 
 
 # ---- chunked, bucketed decoding ------------------------------------------------------------------------
@@ -277,7 +342,7 @@ def test_corrupt_checkpoint_via_subprocess(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "eval", "--checkpoint", str(bad)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert_one_error_line(proc.returncode, proc.stderr, "corrupt")
-    assert not (tmp_path / "eval_out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]  # no report directory, not even empty
 
 
 def test_store_missing(capsys, me_checkpoint, tmp_path):
@@ -285,13 +350,48 @@ def test_store_missing(capsys, me_checkpoint, tmp_path):
     assert_one_error_line(code, err, "no episode store", "--store")
 
 
-def test_store_with_another_manifest(capsys, me_checkpoint, tmp_path):
+def with_val_hashes(checkpoint: Path, path: Path, hashes: bool) -> Path:
+    """A copy of the checkpoint with the validation shard hashes of its store (as `train` writes them
+    now), or without them (as checkpoints written before that have it)."""
+    payload = load_checkpoint(checkpoint)
+    payload.pop("val_shards_sha256", None)
+    if hashes:
+        payload["val_shards_sha256"] = val_shards_sha256(load_manifest(payload["store"]))
+    save_checkpoint(path, payload)
+    return path
+
+
+def test_store_with_another_manifest_and_an_older_checkpoint(capsys, me_checkpoint, tmp_path):
+    older = with_val_hashes(me_checkpoint, tmp_path / "older.pt", hashes=False)
     store = tmp_path / "ME"
     shutil.copytree(load_checkpoint(me_checkpoint)["store"], store)
     manifest = json.loads((store / "manifest.json").read_text())
     (store / "manifest.json").write_text(json.dumps(manifest, indent=1))  # same content, other bytes
-    code, err = invoke(capsys, "--checkpoint", str(me_checkpoint), "--store", str(store), "--out", str(tmp_path / "o"))
+    code, err = invoke(capsys, "--checkpoint", str(older), "--store", str(store), "--out", str(tmp_path / "o"))
     assert_one_error_line(code, err, "manifest hash differs")
+    assert not (tmp_path / "o").exists()
+
+
+def test_regenerated_store_with_the_same_validation_shards_is_accepted(me_checkpoint, tmp_path):
+    """Other training episodes (here fewer), same seed: the validation shard is byte-identical, so the
+    checkpoint's validation data is there, and eval gives the trainer's own last validation numbers."""
+    checkpoint = with_val_hashes(me_checkpoint, tmp_path / "net_ME.pt", hashes=True)
+    original = Path(load_checkpoint(checkpoint)["store"])
+    regenerated = generate(GenerateConfig("ME", num_episodes=30, shard_size=10, out=str(tmp_path / "regen"),
+                                          workers=1, progress=False))
+    assert manifest_sha256(regenerated) != manifest_sha256(original)
+    assert (regenerated / "val-000000.tar").read_bytes() == (original / "val-000000.tar").read_bytes()
+    results = evaluate(EvalConfig(str(checkpoint), store=str(regenerated), out=str(tmp_path / "o")))
+    recorded = load_checkpoint(checkpoint)["val"]
+    assert {k: results["splits"]["validation"][k] for k in recorded} == recorded
+
+
+def test_store_with_other_validation_shards_is_refused(capsys, me_checkpoint, tmp_path):
+    checkpoint = with_val_hashes(me_checkpoint, tmp_path / "net_ME.pt", hashes=True)
+    other = generate(GenerateConfig("ME", num_episodes=30, seed=1, out=str(tmp_path / "other"), workers=1,
+                                    progress=False))  # another seed: other validation episodes
+    code, err = invoke(capsys, "--checkpoint", str(checkpoint), "--store", str(other), "--out", str(tmp_path / "o"))
+    assert_one_error_line(code, err, "validation shards", "val-000000.tar: sha256", "--store")
     assert not (tmp_path / "o").exists()
 
 
