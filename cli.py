@@ -32,7 +32,18 @@ threads_option = click.option(
          "briefly (GOMP_SPINCOUNT=1000) unless GOMP_SPINCOUNT or OMP_WAIT_POLICY is set.")
 
 
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from pipeline.provenance import git_commit, project_version
+    commit = git_commit()
+    click.echo(f"metaseq2seq {project_version()}" + (f" (git {commit})" if commit else ""))
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the version (and the git commit of a checkout) and exit.")
 def cli() -> None:
     """Meta sequence-to-sequence learning (Lake 2019): episode store, training, evaluation."""
 
@@ -120,7 +131,8 @@ def train(no_generate: bool, compile_model: bool, **kwargs) -> None:
 @click.option("--split", default=None, metavar="NAME",
               help="validation, addprim_jump, template_around_right or length (must fit the checkpoint's "
                    "episode type). Default: validation and the type's SCAN test split.")
-@click.option("--out", default=None, help="Report directory.  [default: eval_out/<checkpoint stem>]")
+@click.option("--out", default=None,
+              help="Report directory; replaced whole by each run.  [default: <checkpoint dir>/<checkpoint stem>.eval]")
 @click.option("--scan_file", default=None,
               help="Evaluate any file of `IN: ... OUT: ...` lines (needs --support).")
 @click.option("--support", default=None, metavar="SPEC",
@@ -143,6 +155,30 @@ def eval_command(**kwargs) -> None:
     results = evaluate(cfg)
     click.echo(summary_table(results))
     click.echo(f"report: {cfg.out_dir}")
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, help="A checkpoint written by `train`, e.g. out_models/net_ME.pt.")
+@click.option("--support", default=None, metavar="SPEC", help='The support set: "jump=I_JUMP,walk=I_WALK".')
+@click.option("--support_file", default=None, metavar="PATH",
+              help="Or a file of `IN: ... OUT: ...` lines (SCAN format) as the support set.")
+@click.option("--attention", is_flag=True,
+              help="Also show, as text, which support item each input word attends to and the decoder attention.")
+@click.option("--max_length_eval", "max_length", type=int, default=None,
+              help="Greedy decoding steps.  [default: the checkpoint's]")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@threads_option
+@click.argument("commands", nargs=-1)
+def predict(commands: tuple[str, ...], **kwargs) -> None:
+    """Print the model's output for each COMMAND (quoted, e.g. "jump twice"), one line per command; with
+    no COMMAND, read them from stdin, one per line."""
+    from evalsuite.predict import PredictConfig, commands_from_lines, predict as run_predict  # loads torch
+    if not commands:
+        if sys.stdin.isatty():
+            click.echo("reading commands from stdin, one per line (Ctrl-D to end)", err=True)
+        commands = tuple(sys.stdin)
+    for line in run_predict(PredictConfig(commands=commands_from_lines(commands), **kwargs)):
+        click.echo(line)
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,19 @@ def command_paths(group: click.Group, prefix=()):
 def test_every_command_has_help(capsys, path):
     code, out, _ = invoke(capsys, *path, "--help")
     assert code == 0 and out.startswith("Usage: cli.py")
+
+
+def test_version_names_the_project_version_and_commit(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--version"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        assert result.stdout == f"metaseq2seq {version}\n"
+        return
+    assert result.stdout.startswith(f"metaseq2seq {version} (git {head.stdout.strip()}")
+    assert result.stdout.endswith(")\n") and result.stdout.count("\n") == 1
 
 
 def test_generate_verify_publish(tmp_path, capsys):

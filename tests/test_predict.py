@@ -1,0 +1,153 @@
+"""Tests of `cli.py predict`: its outputs are eval's predictions for the same commands and support set, its
+attention text is the model's attention, and bad input is one `error:` line.
+
+The checkpoint is tiny (E=16, 8 episodes) with its weights scaled up, so that its outputs differ from
+command to command and a mix-up of commands and outputs would show.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli import cli, run_cli
+from evalsuite.evaluate import EvalConfig, evaluate
+from evalsuite.splits import scan_test_pairs
+from trainer.batch import make_batch
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.data import Tokenizer
+from trainer.model import MetaSeq2Seq, ModelConfig
+from trainer.train import TrainConfig, train
+
+ROOT = Path(__file__).parents[1]
+SUPPORT = "jump=I_JUMP,walk=I_WALK,run=I_RUN,look=I_LOOK"
+PAIRS = scan_test_pairs("addprim_jump")[::97]  # 80 commands of all lengths
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("predict")
+    cfg = TrainConfig(episode_type="scan_prim_augmentation", store=str(root / "shards" / "aug"), num_episodes=8,
+                      batch_size=8, emb_size=16, workers=0, progress=False, dir_model=str(root / "models"))
+    payload = load_checkpoint(Path(train(cfg)["checkpoint"]))
+    payload["model"] = {k: v * 4 if v.is_floating_point() else v for k, v in payload["model"].items()}
+    save_checkpoint(root / "scaled.pt", payload)
+    return root / "scaled.pt"
+
+
+@pytest.fixture(scope="module")
+def eval_predictions(checkpoint, tmp_path_factory) -> list[str]:
+    """What `eval --scan_file` predicts for PAIRS with the support set SUPPORT."""
+    root = tmp_path_factory.mktemp("eval")
+    (root / "queries.txt").write_text("".join(f"IN: {p.command} OUT: {p.actions}\n" for p in PAIRS))
+    evaluate(EvalConfig(str(checkpoint), out=str(root / "report"), scan_file=str(root / "queries.txt"),
+                        support=SUPPORT))
+    rows = [json.loads(line) for line in (root / "report" / "predictions_scan_file.jsonl").read_text().splitlines()]
+    assert [r["input"] for r in rows] == [p.command for p in PAIRS]
+    return [r["prediction"] for r in rows]
+
+
+def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), "predict", *args], input=stdin, text=True,
+                          capture_output=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_outputs_from_stdin_are_evals_predictions(checkpoint, eval_predictions):
+    result = run("--checkpoint", str(checkpoint), "--support", SUPPORT,
+                 stdin="".join(f"{p.command}\n" for p in PAIRS) + "\n")  # a blank line is no command
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == eval_predictions
+    assert len(set(eval_predictions)) > len(PAIRS) // 2  # outputs differ by command: a mix-up would show
+
+
+def test_commands_as_arguments_and_support_from_a_scan_file(capsys, checkpoint, eval_predictions, tmp_path):
+    support_file = tmp_path / "support.txt"
+    support_file.write_text("".join(f"IN: {pair.replace('=', ' OUT: ')}\n" for pair in SUPPORT.split(",")))
+    commands = [p.command for p in PAIRS[:5]]
+    for flags in (["--support", SUPPORT], ["--support_file", str(support_file)]):
+        assert run_cli(cli, ["predict", "--checkpoint", str(checkpoint), *flags, *commands]) == 0
+        assert capsys.readouterr().out.splitlines() == eval_predictions[:5]
+
+
+def model_attention(checkpoint: Path, support: list[tuple[str, str]], command: str):
+    """The attention straight from the model: (output tokens, memory (Tqi, ns), decoder (L, Tqi))."""
+    ckpt = load_checkpoint(checkpoint)
+    model = MetaSeq2Seq(ModelConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    tokenizer = Tokenizer(tuple(ckpt["input_vocab"]), tuple(ckpt["output_vocab"]))
+    batch = make_batch([[(tokenizer.encode_input(i), tokenizer.encode_output(o)) for i, o in support]],
+                       [[(tokenizer.encode_input(command), [])]])
+    with torch.inference_mode():
+        result = model.eval().greedy_decode(batch, int(ckpt["train_config"]["max_length_eval"]),
+                                            return_attention=True)
+    n = int(result.lengths[0, 0])
+    return ([tokenizer.output_vocab[t] for t in result.tokens[0, 0, :n].tolist()],
+            result.memory_attention[0, 0], result.decoder_attention[0, 0, :n])
+
+
+def test_attention_as_text(checkpoint, eval_predictions):
+    command = PAIRS[3].command
+    result = run("--checkpoint", str(checkpoint), "--support", SUPPORT, "--attention", command)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == eval_predictions[3]
+    support = [tuple(pair.split("=")) for pair in SUPPORT.split(",")]
+    outputs, memory, decoder = model_attention(checkpoint, support, command)
+    words = command.split() + ["<eos>"]
+    memory_at = lines.index("  memory attention (input word -> the support item it attends to most):")
+    for word, row, line in zip(words, memory, lines[memory_at + 1:memory_at + 1 + len(words)]):
+        best = int(row.argmax())
+        assert line.split() == [word, "->", support[best][0], "=", support[best][1], f"{float(row[best]):.2f}"]
+    decoder_at = lines.index("  decoder attention (output token: weight of each input word):")
+    rows = lines[decoder_at + 1:]
+    assert len(rows) == len(outputs)
+    for token, weights, line in zip(outputs, decoder, rows):
+        assert line.split() == [f"{token}:", *[x for w, v in zip(words, weights) for x in (w, f"{float(v):.2f}")]]
+
+
+@pytest.mark.parametrize("args, stdin, expected", [
+    (["--support", SUPPORT, "jump twice", "jump blorp"], "", "command 2 ('jump blorp')"),
+    (["--support", "jump=I_JUMP,jump=I_WALK", "jump"], "", "'jump' is given twice"),
+    (["--support", "jump=I_JUMP,walk", "jump"], "", "'walk' is not of the form INPUT=OUTPUT"),
+    (["--support", "fly=I_FLY", "jump"], "", "--support"),
+    (["jump"], "", "exactly one of --support"),
+    (["--support", SUPPORT], "\n  \n", "no commands"),
+])
+def test_bad_input_is_one_error_line(capsys, monkeypatch, checkpoint, args, stdin, expected):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = run_cli(cli, ["predict", "--checkpoint", str(checkpoint), *args])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected in err and "Traceback" not in err
+
+
+def test_bad_input_in_a_real_process(checkpoint):
+    result = run("--checkpoint", str(checkpoint), "--support", SUPPORT, stdin="jump twice\njump blorp\n")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith("error: command 2 ('jump blorp'): token 'blorp'")
+    assert result.stderr.count("\n") == 1 and "input vocabulary" in result.stderr
+
+
+def test_bad_support_file_and_checkpoint(capsys, checkpoint, tmp_path):
+    support_file = tmp_path / "support.txt"
+    support_file.write_text("IN: jump OUT: I_JUMP\nIN: walk I_WALK\n")
+    assert run_cli(cli, ["predict", "--checkpoint", str(checkpoint), "--support_file", str(support_file), "jump"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "line 2" in err and err.count("\n") == 1
+    assert run_cli(cli, ["predict", "--checkpoint", str(tmp_path / "none.pt"), "--support", SUPPORT, "jump"]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
