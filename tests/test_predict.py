@@ -41,8 +41,9 @@ def single_thread():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("predict")
-    cfg = TrainConfig(episode_type="scan_prim_augmentation", store=str(root / "shards" / "aug"), num_episodes=8,
-                      batch_size=8, emb_size=16, workers=0, progress=False, dir_model=str(root / "models"))
+    cfg = TrainConfig(episode_type="scan_prim_augmentation", store=str(root / "shards" / "scan_prim_augmentation"),
+                      num_episodes=8, batch_size=8, emb_size=16, workers=0, progress=False,
+                      dir_model=str(root / "models"))
     payload = load_checkpoint(Path(train(cfg)["checkpoint"]))
     payload["model"] = {k: v * 4 if v.is_floating_point() else v for k, v in payload["model"].items()}
     save_checkpoint(root / "scaled.pt", payload)
