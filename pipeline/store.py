@@ -72,7 +72,9 @@ def generate(cfg: GenerateConfig) -> Path:
 
 
 def lock_path(store: Path) -> Path:
-    """Beside the store, not in it: the store directory holds only what its manifest and card describe."""
+    """Beside the store, not in it: the store directory holds only what its manifest and card describe.
+    Resolved first, so `.`, `x/..` or a symlink name the same lock as the plain path."""
+    store = Path(store).resolve()
     return store.parent / f".{store.name}.lock"
 
 
@@ -83,7 +85,7 @@ def _store_lock(store: Path):
     The OS drops the lock when its holder dies, so a killed run never blocks the next one."""
     lock = FileLock(lock_path(store))
     try:
-        store.parent.mkdir(parents=True, exist_ok=True)
+        lock_path(store).parent.mkdir(parents=True, exist_ok=True)
         try:
             lock.acquire(timeout=0)
         except Timeout:
