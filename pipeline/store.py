@@ -9,6 +9,7 @@ store as complete. One `generate` at a time per store: a file lock beside it (`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import multiprocessing
 import sys
@@ -82,7 +83,8 @@ def lock_path(store: Path) -> Path:
 def _store_lock(store: Path):
     """Hold the store's lock while checking and writing it. A second `generate` on the same store waits
     (it then finds the store identical, or rebuilds it) instead of deleting the first one's temp files.
-    The OS drops the lock when its holder dies, so a killed run never blocks the next one."""
+    The OS drops the lock when its holder dies, so a killed run never blocks the next one. Where no lock
+    file can be made (a read-only place), nobody can write the store either: it is checked without one."""
     lock = FileLock(lock_path(store))
     try:
         lock_path(store).parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,10 @@ def _store_lock(store: Path):
             _say(f"{store}: another generate is writing this store (lock {lock_path(store)}); waiting for it")
             lock.acquire()
     except OSError as err:
-        raise UserError(f"cannot write the store {store}: {_os_error_text(err, store)}") from err
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not (store / MANIFEST_NAME).is_file():
+            raise UserError(f"cannot write the store {store}: {_os_error_text(err, store)}") from err
+        yield  # an existing store in a read-only place: it can still be found identical
+        return
     try:
         yield
     finally:

@@ -216,6 +216,22 @@ def test_identical_rerun_writes_nothing(tmp_path, capsys):
     assert "identical, nothing to do" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
+def test_identical_store_in_a_read_only_place_needs_no_lock(tmp_path, capsys):
+    store = generate(config(tmp_path))
+    store_module.lock_path(store).unlink(missing_ok=True)
+    for path in (store, store.parent):
+        path.chmod(0o555)
+    try:
+        assert generate(config(tmp_path)) == store
+        assert "identical, nothing to do" in capsys.readouterr().err
+        with pytest.raises(UserError, match="cannot write the store"):
+            generate(config(tmp_path, num_episodes=26, overwrite=True))
+    finally:
+        for path in (store.parent, store):
+            path.chmod(0o755)
+
+
 def test_other_parameters_are_refused_unless_overwrite(tmp_path):
     store = generate(config(tmp_path))
     before = file_bytes(store)
