@@ -90,8 +90,10 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
 
 
 @cli.command()
-@click.option("--episode_type", default="ME", show_default=True, metavar="|".join(EPISODE_TYPES))
-@click.option("--store", default=None, help="Episode store [default: shards/<episode_type>].")
+@click.option("--episode_type", default=None, metavar="|".join(EPISODE_TYPES),
+              help="What to train on.  [default: the type of --store (its manifest), else ME]")
+@click.option("--store", default=None,
+              help="Episode store directory, generated there if missing.  [default: shards/<episode_type>]")
 @click.option("--num_episodes", type=int, default=10000, show_default=True, help="Training episodes in all.")
 @click.option("--batch_size", type=int, default=None,
               help="Episodes per optimizer step, all processes together; 1 = the paper.  [default: 8 for ME, 1 for the SCAN types]")
@@ -107,10 +109,16 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
 @click.option("--disable_memory", is_flag=True, help="Ablation: plain seq2seq that ignores the support set.")
 @click.option("--disable_attention", is_flag=True, help="Ablation: decoder without attention.")
 @click.option("--disable_recon_loss", is_flag=True, help="Do not add the support items as queries.")
-@click.option("--workers", type=int, default=None, help="DataLoader worker processes [default: see README].")
+@click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes per process.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from the checkpoint at dir_model/fn_out_model.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the checkpoint at dir_model/fn_out_model; a larger --num_episodes extends it.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint (and its metrics log and curve).")
+@click.option("--val_every", type=int, default=100, show_default=True,
+              help="Validate and log a line every this many episodes.")
+@click.option("--checkpoint_every", type=int, default=1000, show_default=True,
+              help="Write the checkpoint (and redraw the curve) every this many episodes.")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16"]),
               help="bf16 autocast of matrix products (CUDA, or a CPU with native bf16).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
@@ -118,11 +126,17 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
 @click.option("--progress/--no_progress", default=True, help="Show a progress bar.")
 @threads_option
 def train(no_generate: bool, compile_model: bool, **kwargs) -> None:
-    """Train the meta seq2seq model on the episode store; checkpoints go to dir_model."""
-    from trainer.train import TrainConfig, train as run_train  # here: torch is slow to import
+    """Train the meta seq2seq model on the episode store; checkpoints go to dir_model.
+    Ctrl-C (SIGINT) or SIGTERM: the current step ends, the checkpoint is saved, exit 130."""
+    from trainer.train import TrainConfig, TrainingInterrupted, train as run_train  # here: torch is slow to import
     given = {name: value for name, value in kwargs.items() if value is not None}  # None: TrainConfig's default
-    result = run_train(TrainConfig(generate_missing_store=not no_generate, compile=compile_model, **given))
-    if result.get("checkpoint"):
+    try:
+        result = run_train(TrainConfig(generate_missing_store=not no_generate, compile=compile_model, **given))
+    except TrainingInterrupted as err:  # saved: one line from rank 0, not click's generic "Aborted"
+        if err.is_main:
+            click.echo(str(err), err=True)
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    if result["is_main"]:
         click.echo(f"checkpoint: {result['checkpoint']}")
 
 

@@ -8,6 +8,7 @@ and workers the order of batches is a pure function of the seed, which is what m
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,12 +123,21 @@ def episode_stream(cfg: StreamConfig) -> wds.DataPipeline:
     )
 
 
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """Ctrl-C (and a SIGTERM to the group) reaches every process of the terminal's process group. The main
+    process finishes its step and saves (trainer.train), but a worker killed by it would fail the loader
+    under that step. So each worker leaves the group; the main process still ends it (DataLoader shutdown,
+    or SIGTERM at exit), and a worker whose main process died exits on its own (DataLoader's watchdog)."""
+    os.setpgid(0, 0)
+
+
 def make_loader(cfg: StreamConfig, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     # Its own generator, so that starting workers does not consume the global RNG that dropout uses:
     # otherwise a resumed run would draw different dropout masks.
     return torch.utils.data.DataLoader(
         episode_stream(cfg), batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
-        prefetch_factor=4 if cfg.workers else None, generator=torch.Generator().manual_seed(cfg.seed))
+        prefetch_factor=4 if cfg.workers else None, generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=_leave_stop_signals_to_the_main_process if cfg.workers else None)
 
 
 def read_records(shards: list[Path]) -> list[dict]:

@@ -43,15 +43,16 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def sum_and_min(ctx: DistContext, value: int, device: torch.device) -> tuple[int, int]:
-    """(sum, min) of an integer over ranks."""
+def step_totals(ctx: DistContext, count: int, flag: bool, device: torch.device) -> tuple[int, int, bool]:
+    """Over ranks: the sum and the minimum of this step's episode count, and whether any rank raised `flag`
+    (a stop request, so that every rank stops after the same step)."""
     if not ctx.active:
-        return value, value
-    total = torch.tensor([value], dtype=torch.long, device=device)
-    smallest = total.clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return count, count, flag
+    summed = torch.tensor([count, int(flag)], dtype=torch.long, device=device)
+    smallest = torch.tensor([count], dtype=torch.long, device=device)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
     dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-    return int(total), int(smallest)
+    return int(summed[0]), int(smallest[0]), bool(summed[1])
 
 
 def broadcast_object(ctx: DistContext, obj):

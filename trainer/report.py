@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.shardio import write_atomically  # noqa: E402
+
 
 def plot_curves(rows: list[dict], path: Path) -> None:
     episodes = [r["episodes"] for r in rows]
@@ -19,7 +21,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     ax_acc.set(xlabel="episodes", ylabel="validation accuracy (%)", ylim=(-2, 102), title="validation")
     ax_acc.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:  # atomically: the curve is redrawn at every checkpoint while someone may be looking at it
+        write_atomically(Path(path), lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
