@@ -113,7 +113,7 @@ def check_destination(out_dir: Path) -> None:
 def replace_report(out_dir: Path, write_files: Callable[[Path], object]) -> None:
     """Fill a fresh directory beside `out_dir` with `write_files(directory)`, then swap it in for `out_dir`:
     the earlier report goes whole, and on any failure it stays whole."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # `.` has no name to put beside; a symlink's target is the report
     fresh = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     try:
