@@ -28,8 +28,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-if "OMP_WAIT_POLICY" not in os.environ:  # as `cli.py eval` does; must precede torch's import
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import threads_arg  # noqa: E402
+from pipeline import threads  # noqa: E402
+
+threads.apply(threads_arg(sys.argv[1:]))  # as `cli.py eval` does, before torch loads
 
 from pipeline import store as episode_store  # noqa: E402
 from trainer.train import TrainConfig, train  # noqa: E402
@@ -86,6 +90,7 @@ def main() -> None:
     parser.add_argument("--trained_episodes", type=int, default=0, help="0: skip the trained checkpoint")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--chunk_sizes", type=int, nargs="*", default=[])
+    parser.add_argument("--threads", type=int, default=None, help="[default: pipeline.threads' policy]")
     parser.add_argument("--also_spinning", action="store_true",
                         help="also time the untrained case with libgomp's default GOMP_SPINCOUNT=300000")
     args = parser.parse_args()

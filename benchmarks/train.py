@@ -1,10 +1,11 @@
-"""Training throughput (episodes/s) and achieved FLOP/s, printed as JSON.
+"""Training throughput (episodes/s) and achieved FLOP/s of the training step alone, printed as JSON.
 
-    python benchmarks/train.py [--types ME scan_prim_augmentation] [--batch_sizes 16] [--device cpu]
+    python benchmarks/train.py [--types ME scan_prim_augmentation] [--batch_sizes 8] [--device cpu] [--threads N]
 
-For each type it generates a small store in a temp dir, streams it with the real loader (2 workers) and
-times optimizer steps after a warm-up. FLOPs of one step are counted by torch's FlopCounterMode; the
-machine's fp32 matmul peak is measured here too, so the fraction is of this machine, not a datasheet.
+For each type it generates a small store in a temp dir, streams it with the real loader and times optimizer
+steps after a warm-up (no validation, no start-up: for us against the original, see compare.py). FLOPs are
+counted on valid tokens only (benchmarks/flops.py); the machine's fp32 matmul peak is measured here too,
+with the same threads, so the fraction is of this machine, not a datasheet.
 """
 from __future__ import annotations
 
@@ -15,37 +16,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import read_cpu_info, threads_arg  # noqa: E402
+from pipeline import threads  # noqa: E402
+
+threads.apply(threads_arg(sys.argv[1:]))  # before torch loads
+
+import torch  # noqa: E402
+
+from flops import matmul_peak_flops, train_flops  # noqa: E402
 from pipeline import store as episode_store  # noqa: E402
 from trainer.data import StreamConfig, Tokenizer, make_loader  # noqa: E402
-from trainer.train import TrainConfig, build_state, train_step  # noqa: E402
-
-
-def matmul_peak_flops(device: torch.device, n: int = 2048, repeats: int = 20) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+from trainer.train import TrainConfig, build_state, model_config, train_step  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def step_flops(state, loss_module, batch, cfg) -> int:
-    with FlopCounterMode(display=False) as counter:
-        train_step(state, loss_module, batch, cfg)
-    return counter.get_total_flops()
 
 
 def bench_type(episode_type: str, batch_size: int, steps: int, workers: int, device: torch.device,
@@ -64,17 +52,17 @@ def bench_type(episode_type: str, batch_size: int, steps: int, workers: int, dev
     loss_module = lambda b: state.model.loss(b)  # noqa: E731
     for _ in range(3):  # warm-up
         train_step(state, loss_module, next(batches)[1].to(device), cfg)
-    flops = step_flops(state, loss_module, next(batches)[1].to(device), cfg)
     sync(device)
-    start, done = time.perf_counter(), 0
+    start, done, flops = time.perf_counter(), 0, 0
     for _ in range(steps):
         keys, batch = next(batches)
         train_step(state, loss_module, batch.to(device, non_blocking=True), cfg)
         done += len(keys)
+        flops += int(train_flops(batch, model_config(cfg, manifest)).sum())
     sync(device)
     seconds = time.perf_counter() - start
     return {"episode_type": episode_type, "batch_size": batch_size, "amp": amp, "episodes_per_s": round(done / seconds, 2),
-            "step_gflop": round(flops / 1e9, 3), "achieved_gflop_s": round(flops * steps / seconds / 1e9, 2)}
+            "valid_gflop_per_episode": round(flops / done / 1e9, 3), "achieved_gflop_s": round(flops / seconds / 1e9, 2)}
 
 
 def main() -> None:
@@ -85,6 +73,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--amp", nargs="+", default=["none"], choices=["none", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="[default: pipeline.threads' policy]")
     args = parser.parse_args()
     device = torch.device(args.device)
     peak = matmul_peak_flops(device)
@@ -97,7 +86,7 @@ def main() -> None:
                                      Path(tmp) / f"{batch_size}-{amp}", amp)
                     row["fraction_of_matmul_peak"] = round(row["achieved_gflop_s"] * 1e9 / peak, 4)
                     results.append(row)
-    print(json.dumps({"device": str(device), "threads": torch.get_num_threads(),
+    print(json.dumps({"device": str(device), "cpu": read_cpu_info(), "threads": threads.applied(),
                       "fp32_matmul_peak_gflop_s": round(peak / 1e9, 1), "results": results}, indent=1))
 
 
