@@ -1,0 +1,406 @@
+"""Us against the original code (../shared/original), in one run on one machine, alternating; prints JSON.
+
+    python benchmarks/compare.py [--quick | --full] [--threads N] [--repeats R] [--extras]
+                                 [--parts generation training add_jump flops tta] [--original PATH]
+
+Both sides run on the CPU (CUDA_VISIBLE_DEVICES= ) with the same thread settings (pipeline.threads: the
+same OMP_NUM_THREADS and GOMP_SPINCOUNT), one process at a time, the two sides alternating.
+
+- training: steady-state episodes/s of the real commands, `train.py` of the original (run from its folder)
+  and our `cli.py train`, for ME and scan_prim_augmentation. Each is run for N1 and N2 episodes and the
+  rate is (N2 - N1) / (T2 - T1), so start-up (imports, store verification, the end-of-run plot) cancels;
+  what is left includes, on both sides, the validation every 100 episodes and, for the original, the
+  episode sampling inside its loop. Ours at its default recipe (ME: 8 episodes per step, SCAN: 1) and at
+  --batch_size 1 (the original's protocol: pure implementation efficiency). --extras adds ours with
+  --amp bf16 (only where the CPU has native bf16) and with --compile.
+- generation: episodes/s of the original's generate_episode functions (timed directly, in its folder)
+  against our `generate` (written to disk, verified store), with 1 worker and with all cores.
+- add_jump: wall time of the SCAN add-jump test (7,706 queries), the original's test.py against our
+  `cli.py eval --split addprim_jump`, start-up included, on checkpoints trained for one episode on each side
+  (effectively untrained: the original always decodes 50 steps, ours stops a chunk of queries once all have
+  emitted EOS; mean_output_length says how far ours went), or on --jump_checkpoints OURS.pt ORIGINAL.tar.
+- flops: training GFLOP per episode on valid tokens (benchmarks/flops.py, analytic), times each side's
+  steady-state rate, against this machine's fp32 matmul peak, measured here with the same threads.
+- tta (--full): time to accuracy, wall clock from launch until the first validation line at the threshold
+  (ME: 100% generalization), ours at the default recipe (store generation included) against the original.
+--quick: tiny sizes, to check that everything runs (minutes, not figures). Where the original is absent it
+prints {"skipped": reason} and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import load_average, read_cpu_info  # noqa: E402
+from pipeline import threads  # noqa: E402  (no torch here: the thread policy must come first)
+
+DEFAULT_ORIGINAL = ROOT.parent / "shared" / "original"
+TYPES = ("ME", "scan_prim_augmentation")
+JUMP_TYPE = "scan_prim_augmentation"
+PARTS = ("generation", "training", "add_jump", "flops", "tta")
+SIZES = {  # training (N1, N2) per type; generation episodes (original, ours) per type; add-jump repeats
+    "default": {"training": {"ME": (100, 600), JUMP_TYPE: (100, 300)},
+                "generation": {"ME": (1000, 20000), JUMP_TYPE: (200, 20000)}, "jump_repeats": 2},
+    "quick": {"training": {"ME": (10, 30), JUMP_TYPE: (2, 6)},
+              "generation": {"ME": (50, 500), JUMP_TYPE: (10, 500)}, "jump_repeats": 1},
+}
+TTA_THRESHOLDS = {"ME": 100.0}  # others (--tta_types): 95%
+ORIGINAL_LINE = re.compile(r"\((\d+) \d+% finished\) TrainLoss: \S+, ValAccRetrieval: \S+, ValAccGeneralize: ([\d.]+)")
+OUR_LINE = re.compile(r"episode (\d+) \|.*val generalization ([\d.]+)%")
+
+# Run in the original's folder: its own episode samplers, timed directly. train.py sets these two globals
+# in its __main__ block, which an import does not run.
+ORIGINAL_GENERATION = """
+import json, sys, time
+import train as original
+original.use_resconstruct_loss, original.max_try_novel = True, 100
+generate_train, generate_val, _, _ = original.get_episode_generator(sys.argv[1])
+tabu = set()
+for _ in range(5):
+    tabu = original.tabu_update(tabu, generate_val(tabu)["identifier"])
+n, start = int(sys.argv[2]), time.perf_counter()
+for _ in range(n):
+    generate_train(tabu)
+print(json.dumps({"episodes_per_s": n / (time.perf_counter() - start)}))
+"""
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+# ---- pure pieces (tests/test_compare.py) ---------------------------------------------------------------
+
+def steady_rate(runs: list[tuple[int, float]]) -> float:
+    """Episodes/s from runs of two lengths, [(episodes, seconds), ...]: (N2 - N1) / (T2 - T1) on the median
+    time of each length, so whatever a run costs whatever its length (start-up, the end) cancels."""
+    by_length: dict[int, list[float]] = {}
+    for episodes, seconds in runs:
+        by_length.setdefault(episodes, []).append(seconds)
+    if len(by_length) != 2:
+        raise ValueError(f"need runs of exactly two lengths, got {sorted(by_length)}")
+    (n1, t1), (n2, t2) = sorted((n, statistics.median(ts)) for n, ts in by_length.items())
+    if t2 <= t1:
+        raise ValueError(f"the longer run ({n2} episodes, {t2:.1f} s) was not slower than the shorter "
+                         f"({n1}, {t1:.1f} s): the machine's load changed; rerun")
+    return (n2 - n1) / (t2 - t1)
+
+
+def first_at_threshold(lines, pattern: re.Pattern, threshold: float):
+    """The first (episode, generalization) line at or above threshold, or None; lines: an iterable of text."""
+    for line in lines:
+        match = pattern.search(line)
+        if match and float(match.group(2)) >= threshold:
+            return int(match.group(1)), float(match.group(2))
+    return None
+
+
+def rotated(items: list, k: int) -> list:
+    k %= max(1, len(items))
+    return items[k:] + items[:k]
+
+
+def ratio(numerator, denominator):
+    return round(numerator / denominator, 2) if numerator and denominator else None
+
+
+# ---- running the two sides -----------------------------------------------------------------------------
+
+def child_env(threads_n: int) -> dict[str, str]:
+    """Both sides: the same thread settings, CPU only, unbuffered output (for time-to-accuracy lines)."""
+    return {**os.environ, **threads.thread_env(threads_n), "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+
+
+def run_timed(argv: list[str], cwd: Path, env: dict, timeout: float) -> float:
+    """Wall seconds of one command, start-up included; RunFailed with its last lines when it fails."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RunFailed(f"timed out after {timeout:.0f} s: {' '.join(map(str, argv))}") from None
+    if done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        raise RunFailed(f"exit {done.returncode}: {' '.join(map(str, argv))}: {tail}")
+    return time.perf_counter() - start
+
+
+def original_train_argv(original: Path, episode_type: str, episodes: int, dir_model: Path) -> list[str]:
+    return [sys.executable, str(original / "train.py"), "--episode_type", episode_type,
+            "--num_episodes", str(episodes), "--dir_model", str(dir_model)]
+
+
+def our_train_argv(episode_type: str, episodes: int, store: Path, dir_model: Path, threads_n: int,
+                   extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, str(ROOT / "cli.py"), "train", "--episode_type", episode_type, "--store", str(store),
+            "--num_episodes", str(episodes), "--dir_model", str(dir_model), "--no_progress", "--device", "cpu",
+            "--threads", str(threads_n), *extra]
+
+
+def make_store(root: Path, episode_type: str, episodes: int) -> Path:
+    from pipeline import store as episode_store
+    return episode_store.generate(episode_store.GenerateConfig(
+        episode_type, num_episodes=episodes, out=str(root / "shards"), progress=False))
+
+
+# ---- training ------------------------------------------------------------------------------------------
+
+def our_variants(episode_type: str, args, cpu: dict) -> dict[str, tuple[str, ...] | str]:
+    """Variant name -> extra `train` flags, or the reason it is skipped."""
+    from trainer.train import default_batch_size
+    default_b = default_batch_size(episode_type)
+    variants: dict[str, tuple[str, ...] | str] = {f"ours default (B={default_b})": ()}
+    if default_b != 1:
+        variants["ours B=1"] = ("--batch_size", "1")
+    if args.extras:
+        variants["ours default, --amp bf16"] = (("--amp", "bf16") if cpu["native_bf16"]
+                                                else "no native bf16 on this CPU (avx512_bf16 / amx_bf16)")
+        variants["ours default, --compile"] = (("--compile",) if shutil.which("cc") or shutil.which("gcc")
+                                               else "no C compiler for torch.compile's CPU backend")
+    return variants
+
+
+def warm_up(args, env: dict) -> None:
+    """Load both sides' code once, untimed, so that no timed run pays for a cold file cache."""
+    run_timed([sys.executable, str(args.original / "train.py"), "--help"], args.original, env, args.timeout)
+    run_timed([sys.executable, "-c", "import trainer.train, evalsuite.evaluate"], ROOT, env, args.timeout)
+
+
+def training(episode_type: str, lengths: tuple[int, int], args, cpu: dict, tmp: Path) -> dict:
+    """Runs of both lengths for the original and each of our variants, alternating; steady rates, ratios."""
+    store = make_store(tmp / "train", episode_type, max(lengths))
+    env = child_env(args.threads)
+    warm_up(args, env)
+    variants = our_variants(episode_type, args, cpu)
+    sides = {"original": None, **{name: extra for name, extra in variants.items() if not isinstance(extra, str)}}
+    runs: dict[str, list] = {name: [] for name in sides}
+    for repeat in range(args.repeats):
+        for episodes in lengths:
+            for name in rotated(list(sides), repeat):  # the sides alternate; their order turns each repeat
+                workdir = Path(tempfile.mkdtemp(dir=tmp))
+                argv = (original_train_argv(args.original, episode_type, episodes, workdir) if name == "original"
+                        else our_train_argv(episode_type, episodes, store, workdir, args.threads, sides[name]))
+                cwd = args.original if name == "original" else ROOT
+                runs[name].append((episodes, round(run_timed(argv, cwd, env, args.timeout), 2)))
+                shutil.rmtree(workdir, ignore_errors=True)
+    rates, notes = {}, {}
+    for name, side_runs in runs.items():
+        try:
+            rates[name] = round(steady_rate(side_runs), 2)
+        except ValueError as err:  # too noisy to tell (tiny --quick runs, a machine whose load changed)
+            rates[name], notes[name] = None, str(err)
+    return {"lengths": list(lengths), "episodes_per_s": rates, "runs_episodes_seconds": runs, "notes": notes,
+            "ratio_to_original": {name: ratio(rate, rates["original"]) for name, rate in rates.items()
+                                  if name != "original"},
+            "skipped": {name: why for name, why in variants.items() if isinstance(why, str)}}
+
+
+# ---- generation ----------------------------------------------------------------------------------------
+
+def generation(episode_type: str, sizes: tuple[int, int], args, tmp: Path) -> dict:
+    from generate import episodes_per_second  # benchmarks/generate.py: our generate(), to disk
+    n_original, n_ours = sizes
+    argv = [sys.executable, "-c", ORIGINAL_GENERATION, episode_type, str(n_original)]
+    done = subprocess.run(argv, cwd=args.original, env=child_env(args.threads), capture_output=True, text=True,
+                          timeout=args.timeout)
+    if done.returncode != 0:
+        raise RunFailed(f"the original's generation failed: {done.stderr.strip().splitlines()[-1:]}")
+    original = json.loads(done.stdout.strip().splitlines()[-1])["episodes_per_s"]
+    cores = threads.usable_cores()
+    ours = {f"ours, {w} worker{'s' * (w > 1)}": episodes_per_second(episode_type, n_ours, w)
+            for w in sorted({1, cores})}
+    return {"episodes": {"original": n_original, "ours": n_ours}, "episodes_per_s":
+            {"original": round(original, 1), **{k: round(v) for k, v in ours.items()}},
+            "ratio_to_original": {k: ratio(v, original) for k, v in ours.items()}}
+
+
+# ---- add-jump test -------------------------------------------------------------------------------------
+
+def jump_checkpoints(args, tmp: Path) -> tuple[Path, Path, str]:
+    if args.jump_checkpoints:
+        ours, original = map(Path, args.jump_checkpoints)
+        return ours.resolve(), original.resolve(), "given (--jump_checkpoints)"
+    env = child_env(args.threads)
+    store = make_store(tmp / "jump", JUMP_TYPE, 1)
+    run_timed(original_train_argv(args.original, JUMP_TYPE, 1, tmp / "jump_original"), args.original, env,
+              args.timeout)
+    run_timed(our_train_argv(JUMP_TYPE, 1, store, tmp / "jump_ours", args.threads, ("--batch_size", "1")),
+              ROOT, env, args.timeout)
+    return (tmp / "jump_ours" / f"net_{JUMP_TYPE}.pt", tmp / "jump_original" / f"net_{JUMP_TYPE}.tar",
+            "one training episode on each side (effectively untrained)")
+
+
+def add_jump(args, repeats: int, tmp: Path) -> dict:
+    ours_ckpt, original_ckpt, kind = jump_checkpoints(args, tmp)
+    env, out = child_env(args.threads), tmp / "jump_eval"
+    sides = {"original": ([sys.executable, str(args.original / "test.py"), "--episode_type", JUMP_TYPE,
+                           "--dir_model", str(original_ckpt.parent), "--fn_in_model", original_ckpt.name],
+                          args.original),
+             "ours": ([sys.executable, str(ROOT / "cli.py"), "eval", "--checkpoint", str(ours_ckpt), "--split",
+                       "addprim_jump", "--out", str(out), "--no_progress", "--device", "cpu",
+                       "--threads", str(args.threads)], ROOT)}
+    walls: dict[str, list[float]] = {name: [] for name in sides}
+    for repeat in range(repeats):
+        for name in rotated(list(sides), repeat):
+            walls[name].append(round(run_timed(*sides[name], env, args.timeout), 2))
+    medians = {name: statistics.median(w) for name, w in walls.items()}
+    lengths = [len(json.loads(line)["prediction"].split()) for line in open(out / "predictions_addprim_jump.jsonl")]
+    return {"checkpoints": kind, "wall_seconds": walls, "wall_median": medians,
+            "speedup": ratio(medians["original"], medians["ours"]),
+            "ours_mean_output_length": round(statistics.mean(lengths), 2), "original_output_length": "always 50"}
+
+
+# ---- FLOPs ---------------------------------------------------------------------------------------------
+
+def valid_gflop_per_episode(episode_type: str, episodes: int, tmp: Path) -> dict:
+    """Training GFLOP per episode on valid tokens, over the first episodes our loader streams from a store."""
+    from flops import train_flops
+    from pipeline import store as episode_store
+    from trainer.data import StreamConfig, Tokenizer, make_loader
+    from trainer.train import TrainConfig, model_config
+    store = make_store(tmp / "flops", episode_type, episodes)
+    manifest = episode_store.load_manifest(store)
+    cfg = TrainConfig(episode_type=episode_type)
+    tokenizer = Tokenizer(tuple(manifest["input_vocab"]), tuple(manifest["output_vocab"]))
+    stream = StreamConfig(tuple(str(p) for p in episode_store.shard_paths(store, "train")), cfg.batch_size,
+                          tokenizer)
+    total, valid_targets, padded_targets = 0, 0, 0
+    for _, batch in make_loader(stream):
+        total += int(train_flops(batch, model_config(cfg, manifest)).sum())
+        valid_targets += int(batch.query_out_len.sum())
+        padded_targets += batch.query_out.numel()
+    return {"valid_gflop_per_episode": round(total / episodes / 1e9, 3),
+            "decoder_valid_token_fraction_at_default_batch": round(valid_targets / padded_targets, 3)}
+
+
+def flops_report(training_rows: dict, episodes: int, tmp: Path) -> dict:
+    import torch
+    from flops import matmul_peak_flops
+    peak = matmul_peak_flops()
+    report = {"fp32_matmul_peak_gflop_s": round(peak / 1e9, 1), "torch_threads": torch.get_num_threads()}
+    for episode_type, row in training_rows.items():
+        per_episode = valid_gflop_per_episode(episode_type, episodes, tmp)
+        achieved = {name: round(per_episode["valid_gflop_per_episode"] * rate, 2)
+                    for name, rate in row["episodes_per_s"].items() if rate}
+        report[episode_type] = {**per_episode, "valid_gflop_s": achieved,
+                                "fraction_of_peak": {k: round(v / (peak / 1e9), 3) for k, v in achieved.items()}}
+    return report
+
+
+# ---- time to accuracy (--full) -------------------------------------------------------------------------
+
+def time_to_threshold(argv: list[str], cwd: Path, env: dict, pattern: re.Pattern, threshold: float,
+                      timeout: float) -> dict:
+    """Launch, read the validation lines as they come, stop at the first at the threshold."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        hit = first_at_threshold(proc.stdout, pattern, threshold)
+        seconds = time.perf_counter() - start
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait()
+    if hit is None:
+        return {"reached": False, "seconds": None, "note": f"not reached (ended or timed out at {timeout:.0f} s)"}
+    return {"reached": True, "seconds": round(seconds, 1), "episode": hit[0], "generalization": hit[1]}
+
+
+def time_to_accuracy(episode_type: str, args, tmp: Path) -> dict:
+    threshold = TTA_THRESHOLDS.get(episode_type, 95.0)
+    env = child_env(args.threads)
+    ours_argv = our_train_argv(episode_type, 10000, tmp / "tta" / "shards" / episode_type, tmp / "tta" / "ours",
+                               args.threads)  # a fresh store: its generation counts, as for a newcomer
+    original_argv = original_train_argv(args.original, episode_type, 10000, tmp / "tta" / "original")
+    original = time_to_threshold(original_argv, args.original, env, ORIGINAL_LINE, threshold, args.tta_timeout)
+    ours = time_to_threshold(ours_argv, ROOT, env, OUR_LINE, threshold, args.tta_timeout)
+    return {"threshold_generalization": threshold, "original": original, "ours (default recipe)": ours,
+            "speedup": ratio(original["seconds"], ours["seconds"])}
+
+
+# ---- main ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
+    mode.add_argument("--full", action="store_true", help="also time to accuracy (about 15 minutes more for ME)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=None,
+                        help="what to run [default: all but tta; tta too with --full]")
+    parser.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
+    parser.add_argument("--tta_types", nargs="+", default=["ME"], help="episode types for time to accuracy")
+    parser.add_argument("--threads", type=int, default=None, help="both sides [default: pipeline.threads' policy]")
+    parser.add_argument("--repeats", type=int, default=1, help="training runs of each length per side")
+    parser.add_argument("--extras", action="store_true", help="also ours with --amp bf16 and with --compile")
+    parser.add_argument("--jump_checkpoints", nargs=2, metavar=("OURS_PT", "ORIGINAL_TAR"))
+    parser.add_argument("--original", type=Path, default=DEFAULT_ORIGINAL)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    parser.add_argument("--tta_timeout", type=float, default=7200, help="seconds per time-to-accuracy run")
+    args = parser.parse_args(argv)
+    args.parts = args.parts or [p for p in PARTS if p != "tta" or args.full]
+    args.original = args.original.resolve()
+    return args
+
+
+def skip_reason(original: Path) -> str | None:
+    if not (original / "train.py").is_file() or not (original / "test.py").is_file():
+        return f"the original code is not at {original} (train.py and test.py); nothing to compare against"
+    return None
+
+
+def run_parts(args, report: dict, tmp: Path) -> None:
+    sizes = SIZES["quick" if args.quick else "default"]
+    if "generation" in args.parts:
+        report["generation"] = {t: generation(t, sizes["generation"][t], args, tmp) for t in args.types}
+    if "training" in args.parts or "flops" in args.parts:
+        cpu = report["cpu"]
+        report["training"] = {t: training(t, sizes["training"][t], args, cpu, tmp) for t in args.types}
+    if "flops" in args.parts:
+        report["flops"] = flops_report(report["training"], 40 if args.quick else 400, tmp)
+    if "add_jump" in args.parts:
+        report["add_jump"] = add_jump(args, sizes["jump_repeats"], tmp)
+    if "tta" in args.parts:
+        report["time_to_accuracy"] = {t: time_to_accuracy(t, args, tmp) for t in args.tta_types}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    reason = skip_reason(args.original)
+    if reason:
+        print(f"compare.py: skipped: {reason}", file=sys.stderr)
+        print(json.dumps({"skipped": reason}))
+        return 0
+    applied = threads.apply(args.threads)  # this process too (the peak), before torch loads
+    args.threads = applied["threads"]
+    from pipeline.provenance import collect
+    report = {"mode": "quick" if args.quick else "full" if args.full else "default", "cpu": read_cpu_info(),
+              "threads": applied, "provenance": collect(), "original": str(args.original),
+              "load_average_before": load_average()}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_parts(args, report, Path(tmp))
+    except (RunFailed, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    report["load_average_after"] = load_average()
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
