@@ -165,13 +165,20 @@ def test_train_refuses_a_store_that_fails_verification(me_store, tmp_path):
     assert result.returncode != 0 and "fails verification" in result.stderr and "train-000001" in result.stderr
 
 
-def test_torchrun_two_processes(me_store, tmp_path):
+def test_torchrun_two_processes_generate_a_store_that_fits_them(tmp_path):
+    # The store is missing: rank 0 generates it with a shard for each (process, worker), all ranks train.
+    store = tmp_path / "two ranks"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               str(ROOT / "cli.py"), "train", "--store", str(me_store), "--emb_size", "16", "--num_episodes", "80",
-               "--batch_size", "8", "--workers", "1", "--no_progress", "--dir_model", str(tmp_path)]
+               str(ROOT / "cli.py"), "train", "--episode_type", "ME", "--store", str(store), "--emb_size", "16",
+               "--num_episodes", "80", "--val_every", "40", "--batch_size", "8", "--workers", "1", "--no_progress",
+               "--dir_model", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
+    assert [s["count"] for s in episode_store.load_manifest(store)["shards"] if s["split"] == "train"] == [40, 40]
     ckpt = load_checkpoint(tmp_path / "net_ME.pt")
     assert ckpt["episodes_done"] == 80 and ckpt["data_position"]["world_size"] == 2
-    assert result.stdout.count("episode 80 |") == 1  # only rank 0 prints
+    # Only rank 0 prints: the summary, each validation line, the checkpoint.
+    assert result.stdout.count("episode 80 |") == 1
+    assert result.stdout.count("checkpoint: ") == 1 and result.stdout.count("training run:") == 1
+    assert "cpu (" in result.stdout and ", 2 process(es)" in result.stdout

@@ -1,0 +1,277 @@
+"""`train` in daily use (issue 9): no clobbering, Ctrl-C saves, resume says where, runs extend, --store is
+exact, stores fit torchrun, bf16 is refused where it cannot run, and checkpoints say where they came from."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli import cli, run_cli
+from pipeline import store as episode_store
+from pipeline.errors import UserError
+from pipeline.shardio import file_sha256
+from trainer.checkpoint import load_checkpoint
+from trainer.data import StreamConfig, Tokenizer, make_loader
+from trainer.precision import amp_problem
+from trainer.train import (RESUME_KEYS, TrainConfig, TrainState, resumed_batches, store_layout, train,
+                           train_shards)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(emb_size=16, nlayers=1, dropout=0.5, batch_size=8, progress=False, val_every=8, checkpoint_every=1000,
+            workers=1)
+CLI_TINY = ["--emb_size", "16", "--nlayers", "1", "--batch_size", "8", "--val_every", "8", "--workers", "1",
+            "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("daily")
+    return episode_store.generate(episode_store.GenerateConfig(
+        "ME", num_episodes=400, shard_size=40, out=str(out), progress=False, workers=1))
+
+
+def run(store: Path, model_dir: Path, **overrides) -> dict:
+    return train(TrainConfig(store=str(store), dir_model=str(model_dir), **{**TINY, "num_episodes": 48, **overrides}))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    first, second = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def cli_process(*args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+
+
+# ---- 1. bf16 where the CPU cannot ---------------------------------------------------------------------------
+
+def test_amp_problem_names_the_cpu_and_the_way_out():
+    probe_says = "this CPU cannot run the LSTMs in bf16 (could not create a primitive descriptor)"
+    message = amp_problem("bf16", "cpu", probe_says)
+    assert message.startswith("--amp bf16: this CPU cannot") and message.endswith("use --amp none")
+    assert "\n" not in message
+    assert amp_problem("bf16", "cpu", None) is None           # the probe trained an LSTM in bf16
+    assert amp_problem("none", "cpu", probe_says) is None     # fp32 does not care
+    assert amp_problem("bf16", "cuda", probe_says) is None    # the CPU probe says nothing about a GPU
+
+
+def test_amp_bf16_on_a_cpu_without_bf16_is_one_line_and_writes_nothing(tmp_path):
+    # oneDNN limited to AVX2 is the CPU of the issue: its bf16 LSTM primitive does not exist.
+    model_dir = tmp_path / "models"
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--amp", "bf16", "--device", "cpu",
+                             "--episode_type", "ME", "--store", str(tmp_path / "store"), "--no_generate",
+                             "--num_episodes", "16", "--dir_model", str(model_dir)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"})
+    if "no episode store" in result.stderr:
+        pytest.skip("this oneDNN runs bf16 LSTMs even when limited to AVX2")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: --amp bf16: this CPU cannot run the LSTMs in bf16")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not model_dir.exists() and not (tmp_path / "store").exists()
+
+
+# ---- 2. no clobber -------------------------------------------------------------------------------------------
+
+def test_train_refuses_to_replace_a_run_unless_told(store, tmp_path, capsys):
+    run(store, tmp_path, num_episodes=16)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code = run_cli(cli, ["train", "--store", str(store), "--dir_model", str(tmp_path), "--num_episodes", "16",
+                         *CLI_TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "--resume" in err and "--overwrite" in err, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files  # nothing touched
+    run(store, tmp_path, num_episodes=24, overwrite=True)
+    rows = [json.loads(line) for line in open(tmp_path / "net_ME.metrics.jsonl")]
+    assert load_checkpoint(tmp_path / "net_ME.pt")["episodes_done"] == 24
+    assert [r["episodes"] for r in rows] == [8, 16, 24]  # the old run's rows are gone, not mixed in
+    with pytest.raises(UserError, match="give one of them"):
+        run(store, tmp_path, resume=True, overwrite=True)
+
+
+# ---- 3. interrupt, resume, extend ----------------------------------------------------------------------------
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def interrupt(process: subprocess.Popen, metrics: Path, after: int, send) -> tuple[str, str]:
+    """Send a signal once the run has logged an episode beyond `after`; (stdout, stderr) when it has ended."""
+    def logged_beyond() -> bool:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        return bool(lines) and json.loads(lines[-1])["episodes"] > after
+    wait_for(logged_beyond, process)
+    send()
+    return process.communicate(timeout=120)
+
+
+@pytest.fixture
+def one_thread():
+    """As many threads as the CLI processes get (OMP_NUM_THREADS=1): matmuls may sum in another order else."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_ctrl_c_and_sigterm_save_after_the_step_and_resuming_ends_like_an_uninterrupted_run(store, tmp_path,
+                                                                                             one_thread):
+    model_dir = tmp_path / "cut"
+    args = ["--store", str(store), "--num_episodes", "400", "--dir_model", str(model_dir), *CLI_TINY]
+    metrics, checkpoint = model_dir / "net_ME.metrics.jsonl", model_dir / "net_ME.pt"
+    # Ctrl-C: its own session, so that the signal goes to the whole group as a terminal's does (the loader's
+    # worker included).
+    process = cli_process(*args, start_new_session=True)
+    out, err = interrupt(process, metrics, 0, lambda: os.killpg(process.pid, signal.SIGINT))
+    first = load_checkpoint(checkpoint)["episodes_done"]
+    assert process.returncode == 130, err
+    assert err.strip() == (f"interrupted at episode {first} of 400: saved {checkpoint} with every episode "
+                           "trained; continue with --resume")
+    assert 8 <= first < 400 and load_checkpoint(checkpoint)["data_position"]["batches"] == first // 8
+    assert [json.loads(line)["episodes"] for line in open(metrics)] == list(range(8, first + 1, 8))  # on disk
+    assert (model_dir / "net_ME.curve.png").stat().st_size > 1000  # drawn at the checkpoint, not at the end
+    # The start-of-run summary came first, with this process's facts.
+    assert "  threads      1\n" in out and "  episode type ME\n" in out
+    assert f"{store} (manifest sha256 {episode_store.manifest_sha256(store)})" in out
+
+    # SIGTERM to the main process alone (as `kill PID` sends it), during a resumed run.
+    process = cli_process(*args, "--resume")
+    out, err = interrupt(process, metrics, first, process.terminate)
+    second = load_checkpoint(checkpoint)["episodes_done"]
+    assert process.returncode == 130 and err.strip().startswith(f"interrupted at episode {second} of 400"), err
+    assert f"resuming from episode {first}" in out and first < second < 400
+
+    # 400 episodes leave the signals time to land mid-run; a shorter --num_episodes ends the run sooner, as
+    # it would have ended uninterrupted (num_episodes is not a setting that resume must match).
+    end = second + 16
+    run(store, model_dir, num_episodes=end, val_every=1000, resume=True)
+    run(store, tmp_path / "straight", num_episodes=end, val_every=1000)  # validating changes no weights
+    assert same_weights(checkpoint, tmp_path / "straight" / "net_ME.pt")
+    assert load_checkpoint(checkpoint)["val"] == load_checkpoint(tmp_path / "straight" / "net_ME.pt")["val"]
+    assert len(load_checkpoint(checkpoint)["provenance_history"]) == 2  # the sessions before this one
+
+
+def test_resuming_a_finished_run_says_so_and_a_larger_num_episodes_extends_it(store, tmp_path, capsys):
+    run(store, tmp_path / "straight", num_episodes=80)
+    run(store, tmp_path / "grown", num_episodes=40)
+    before = (tmp_path / "grown" / "net_ME.pt").read_bytes()
+    capsys.readouterr()
+    result = run(store, tmp_path / "grown", num_episodes=40, resume=True)
+    assert "is a finished run: 40 episodes trained" in capsys.readouterr().out
+    assert result["episodes_done"] == 40 and (tmp_path / "grown" / "net_ME.pt").read_bytes() == before
+    run(store, tmp_path / "grown", num_episodes=80, resume=True)
+    assert same_weights(tmp_path / "grown" / "net_ME.pt", tmp_path / "straight" / "net_ME.pt")
+    grown = load_checkpoint(tmp_path / "grown" / "net_ME.pt")
+    assert grown["optimizer"]["param_groups"][0]["lr"] == load_checkpoint(
+        tmp_path / "straight" / "net_ME.pt")["optimizer"]["param_groups"][0]["lr"]
+    assert len(grown["provenance_history"]) == 1  # the first session's, kept beside this one's
+    assert "num_episodes" not in RESUME_KEYS
+
+
+def test_lr_decays_by_episodes_seen_across_an_extension(store, tmp_path):
+    # 20 episodes: two steps of 8 and one cut to 4; the decay at episode 16 comes at the second step.
+    run(store, tmp_path, num_episodes=20, lr=1e-3, lr_decay_schedule=16)
+    first = load_checkpoint(tmp_path / "net_ME.pt")
+    assert first["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    assert first["data_position"]["batches"] == 2 and first["data_position"]["partial"] == 4
+    run(store, tmp_path, num_episodes=36, lr=1e-3, lr_decay_schedule=16, resume=True)  # the cut batch's 4, 8, 4
+    grown = load_checkpoint(tmp_path / "net_ME.pt")
+    assert grown["episodes_done"] == 36 and grown["steps"] == 3 + 3
+    assert grown["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)  # 32 episodes seen: decayed twice
+
+
+def test_resumed_batches_continue_the_episode_order_inside_a_cut_batch(store):
+    manifest = episode_store.load_manifest(store)
+    tokenizer = Tokenizer(tuple(manifest["input_vocab"]), tuple(manifest["output_vocab"]))
+    stream = StreamConfig(tuple(str(p) for p in episode_store.shard_paths(store, "train")), 8, tokenizer, seed=0)
+    order = [key for keys, _ in make_loader(stream) for key in keys]
+    state = TrainState(model=None, optimizer=None, batches=2, partial=4)  # 20 episodes trained
+    pieces = list(resumed_batches(make_loader(stream), state))
+    assert [key for keys, _, _ in pieces for key in keys] == order[20:]
+    keys, batch, offset = pieces[0]
+    assert (len(keys), batch.num_episodes, offset) == (4, 4, 4)
+
+
+# ---- 4. stores that fit torchrun -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("episodes, parts", [(160, 1), (160, 2), (10000, 2), (10000, 4), (170, 6), (7, 3)])
+def test_store_layout_gives_every_process_and_worker_equal_shards(episodes, parts):
+    total, size = store_layout(episodes, parts)
+    if parts == 1:
+        assert (total, size) == (episodes, episode_store.GenerateConfig.shard_size)  # generate's defaults
+        return
+    shards = -(-total // size)
+    assert total >= episodes and total % size == 0 and shards % parts == 0 and size <= 1000
+    assert total - episodes < shards  # rounded up by less than one episode per shard
+
+
+def test_a_store_with_too_few_shards_says_how_to_regenerate_it(tmp_path, capsys):
+    small = episode_store.generate(episode_store.GenerateConfig(
+        "ME", num_episodes=16, out=str(tmp_path), progress=False, workers=1))  # one shard
+    cfg = TrainConfig(store=str(small), num_episodes=16, workers=1)
+    with pytest.raises(UserError) as err:
+        train_shards(episode_store.load_manifest(small), small, cfg, world_size=2)
+    message = str(err.value)
+    assert "\n" not in message and "--shard_size 8 " in message and message.endswith(" --overwrite")
+    command = message[message.index("python cli.py generate"):].split()[2:]
+    assert run_cli(cli, [*command, "--no_progress"]) == 0  # the advice, followed, works
+    assert len(train_shards(episode_store.load_manifest(small), small, cfg, world_size=2)) == 2
+
+
+# ---- 5. --store is the store ---------------------------------------------------------------------------------
+
+def test_store_with_a_custom_name_is_generated_there_and_names_the_type(tmp_path):
+    custom = tmp_path / "stores" / "my ME episodes"
+    result = train(TrainConfig(episode_type="ME", store=str(custom), dir_model=str(tmp_path / "a"),
+                               **{**TINY, "num_episodes": 16}))
+    assert episode_store.load_manifest(custom)["counts"]["train"] == 16
+    assert not (tmp_path / "stores" / "ME").exists() and not Path("shards", "my ME episodes").exists()
+    assert result["episodes_done"] == 16
+    # Without --episode_type, the manifest says what the store holds.
+    cfg = TrainConfig(store=str(custom), dir_model=str(tmp_path / "b"), **{**TINY, "num_episodes": 16})
+    assert cfg.episode_type is None
+    assert Path(train(cfg)["checkpoint"]) == tmp_path / "b" / "net_ME.pt"
+    assert TrainConfig(store=str(custom)).batch_size is None  # decided by the store's type, in train()
+    with pytest.raises(UserError, match="conflicts with the store .* which holds ME episodes"):
+        train(TrainConfig(episode_type="scan_prim_permutation", store=str(custom), dir_model=str(tmp_path / "c"),
+                          **{**TINY, "num_episodes": 16}))
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(UserError, match="pass --episode_type to generate one there"):
+        train(TrainConfig(store=str(tmp_path / "nowhere"), dir_model=str(tmp_path / "d"), **TINY))
+
+
+# ---- 6, 9. what a checkpoint records -------------------------------------------------------------------------
+
+def test_checkpoint_records_validation_shard_hashes_and_provenance(store, tmp_path):
+    ckpt = load_checkpoint(Path(run(store, tmp_path, num_episodes=8)["checkpoint"]))
+    assert ckpt["val_shards_sha256"] == {"val-000000.tar": file_sha256(store / "val-000000.tar")}
+    assert ckpt["manifest_sha256"] == episode_store.manifest_sha256(store)
+    prov = ckpt["provenance"]
+    assert prov["python"] == platform.python_version() and torch.__version__.startswith(prov["torch"])
+    assert prov["device"].startswith("cpu (") and prov["command"] and prov["started"]
+    assert ckpt["provenance_history"] == []
+
+
+# ---- 7. --help -----------------------------------------------------------------------------------------------
+
+def test_train_help_shows_the_real_defaults(capsys):
+    assert run_cli(cli, ["train", "--help"]) == 0
+    assert "see README" not in capsys.readouterr().out
+    fields = TrainConfig.__dataclass_fields__
+    for param in cli.commands["train"].params:
+        if param.name in fields and not param.is_flag:
+            assert param.default == fields[param.name].default, param.name
