@@ -21,8 +21,8 @@ from pipeline.shardio import file_sha256
 from trainer.checkpoint import load_checkpoint
 from trainer.data import StreamConfig, Tokenizer, make_loader
 from trainer.precision import amp_problem
-from trainer.train import (RESUME_KEYS, TrainConfig, TrainState, resumed_batches, store_layout, train,
-                           train_shards)
+from trainer.train import (RESUME_KEYS, StopRequest, TrainConfig, TrainState, resumed_batches, store_layout,
+                           train, train_shards)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(emb_size=16, nlayers=1, dropout=0.5, batch_size=8, progress=False, val_every=8, checkpoint_every=1000,
@@ -163,6 +163,18 @@ def test_ctrl_c_and_sigterm_save_after_the_step_and_resuming_ends_like_an_uninte
     assert same_weights(checkpoint, tmp_path / "straight" / "net_ME.pt")
     assert load_checkpoint(checkpoint)["val"] == load_checkpoint(tmp_path / "straight" / "net_ME.pt")["val"]
     assert len(load_checkpoint(checkpoint)["provenance_history"]) == 2  # the sessions before this one
+
+
+def test_a_signal_asks_to_stop_and_a_second_one_later_aborts():
+    previous = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+        os.kill(os.getpid(), signal.SIGINT)  # at once: torchrun's forward of the same Ctrl-C, not a second one
+        stop.requested_at -= StopRequest.GRACE_S + 1  # as if the first had come earlier
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_resuming_a_finished_run_says_so_and_a_larger_num_episodes_extends_it(store, tmp_path, capsys):
