@@ -10,9 +10,12 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID
 from trainer.batch import EpisodeBatch, make_batch
+from trainer.lstm import Packing, _cudnn_lstm, packed_lstm
+from trainer.lstm import dropout as lstm_dropout
 from trainer.model import DecodeResult, MetaSeq2Seq, ModelConfig, strip_decoded
 
 V_IN, V_OUT = 11, 9
@@ -173,7 +176,8 @@ def test_teacher_forcing_equals_stepwise_decoding(name):
             logits, state, _ = model.decode(prev.unsqueeze(1), state, enc.context, enc.context_mask)
             steps.append(logits[:, 0])
             prev = batch.query_out.view(B * nq, Tqo)[:, t]
-    torch.testing.assert_close(torch.stack(steps, 1), full, atol=ATOL, rtol=0)
+    valid = torch.arange(Tqo) < batch.query_out_len.view(B * nq, 1)       # padded steps are not computed
+    torch.testing.assert_close(torch.stack(steps, 1)[valid], full[valid], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -232,6 +236,39 @@ def test_padding_changes_nothing(name):
     assert (decoded_pad.lengths[:, nq:] == 0).all() and (decoded_pad.tokens[:, nq:] == PAD_ID).all()
 
 
+def grads_of(model: MetaSeq2Seq, batch: EpisodeBatch) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model.loss(batch).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_padding_changes_no_gradient(name):
+    # Extra padded support items, queries and steps, holding random ids: every gradient stays the same.
+    model = make_model(**CONFIGS[name])
+    batch = batch_of(random_episodes(seed=15))
+    assert_grads_close(grads_of(model, batch), grads_of(model, pad_with_garbage(batch, seed=1)))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_gradient_of_an_episode_padded_by_longer_ones(name):
+    # Alone, episode A is not padded; batched with longer episodes L it is. The loss is the mean over
+    # episodes, so grad(A) = 2 grad([A, L]) - grad([L]) if padding changes nothing.
+    model = make_model(**CONFIGS[name])
+    rng = random.Random(16)
+    short = random_episode(rng, 2, 3, max_len=2)
+    long = random_episode(rng, 5, 6, max_len=9)
+    alone, longer_only, both = (grads_of(model, batch_of(eps)) for eps in ([short], [long], [short, long]))
+    assert batch_of([short, long]).query_out.shape[-1] > batch_of([short]).query_out.shape[-1]
+    assert_grads_close(alone, {k: 2 * both[k] - longer_only[k] for k in both})
+
+
 def test_attention_on_padding_is_exactly_zero():
     model = make_model()
     padded = pad_with_garbage(batch_of(random_episodes(seed=5)))
@@ -279,6 +316,49 @@ def test_loss_matches_hand_computation():
         tg = torch.tensor([t for _, y in query for t in y + [EOS_ID]])
         per_episode.append(F.cross_entropy(lg, tg))
     torch.testing.assert_close(model.loss(batch), torch.stack(per_episode).mean(), atol=1e-6, rtol=0)
+
+
+def stepwise_loss(model: MetaSeq2Seq, episodes) -> torch.Tensor:
+    """The loss computed one query and one target token at a time: each query alone (no padding), its
+    decoder stepped with nn.LSTM from the design's equations; token-mean per episode, mean over episodes."""
+    cfg, E = model.cfg, model.cfg.emb_size
+    per_episode = []
+    for support, query in episodes:
+        if not cfg.disable_memory:
+            keys = torch.stack([reference_encode(model.input_encoder, x)[1] for x, _ in support])
+            values = torch.stack([reference_encode(model.output_encoder, y)[1] for _, y in support])
+        token_losses = []
+        for x, y in query:
+            steps, final = reference_encode(model.input_encoder, x)
+            if cfg.disable_memory:
+                context, init = steps, final
+            else:
+                m = torch.softmax(steps @ keys.T / E ** 0.5, -1) @ values
+                context = torch.tanh(model.memory_combine(torch.cat([steps, m], -1)))
+                init = context[-1]
+            state = (init.expand(cfg.nlayers, 1, E).contiguous(),) * 2
+            for prev, target in zip([SOS_ID] + y, y + [EOS_ID]):
+                h, state = model.dec_lstm(model.dec_embedding(torch.tensor([[prev]])), state)
+                h = h[0, 0]                                                         # (E,)
+                if not cfg.disable_attention:
+                    ctx = torch.softmax(context @ h / E ** 0.5, 0) @ context
+                    h = torch.tanh(model.attn_combine(torch.cat([h, ctx])))
+                token_losses.append(F.cross_entropy(model.out(h), torch.tensor(target)))
+        per_episode.append(torch.stack(token_losses).mean())
+    return torch.stack(per_episode).mean()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_packed_loss_and_gradients_equal_a_stepwise_computation(name):
+    model = make_model(**CONFIGS[name])
+    episodes = random_episodes(seed=17, sizes=((3, 4), (1, 2), (2, 3)))
+    packed = grads_of(model, batch_of(episodes))
+    packed_loss = model.loss(batch_of(episodes))
+    model.zero_grad(set_to_none=True)
+    reference = stepwise_loss(model, episodes)
+    reference.backward()
+    torch.testing.assert_close(packed_loss, reference, atol=1e-6, rtol=1e-5)
+    assert_grads_close(packed, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
 
 
 # ---- (e) ablations -----------------------------------------------------------------------------------------
@@ -380,6 +460,69 @@ def test_tiny_model_overfits_two_episodes():
     assert loss.item() < 0.05 * first
     model.eval()
     assert strip_decoded(model.greedy_decode(batch, max_length=8)) == [[y for _, y in q] for _, q in episodes]
+
+
+# ---- (h) the packed LSTM (trainer/lstm.py) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_packed_lstm_equals_nn_lstm(bidirectional, with_state):
+    # Against torch's own LSTM on the same PackedSequence, in float64: outputs, final states of every
+    # layer, and the gradients of the inputs, the initial states and every weight.
+    torch.manual_seed(0)
+    layers, E, dirs = 2, 6, 2 if bidirectional else 1
+    lstm = torch.nn.LSTM(5, E, layers, batch_first=True, bidirectional=bidirectional).double()
+    lengths = torch.tensor([3, 1, 6, 6, 2, 1])                  # unsorted, ties, length 1, one full row
+    N, T = len(lengths), 7
+    x = torch.randn(N, T, 5, dtype=torch.double, requires_grad=True)
+    state = tuple(torch.randn(layers * dirs, N, E, dtype=torch.double, requires_grad=True)
+                  for _ in range(2)) if with_state else None
+    packing = Packing.from_lengths(lengths, T, "cpu")
+    out, h_n = packed_lstm(lstm, packing.pack(x), packing, state)
+    ref, (ref_h_n, _) = lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False), state)
+    ref_out = pad_packed_sequence(ref, batch_first=True, total_length=T)[0]
+    torch.testing.assert_close(packing.unpack(out), ref_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(h_n, ref_h_n, atol=1e-12, rtol=0)
+
+    weights = torch.randn_like(ref_out)
+    inputs = [x, *lstm.parameters(), *(state or ())]
+    ours = torch.autograd.grad((packing.unpack(out) * weights).sum() + h_n.sum(), inputs)
+    theirs = torch.autograd.grad((ref_out * weights).sum() + ref_h_n.sum(), inputs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_the_cuda_path_packs_for_nn_lstm_alike():
+    # On CUDA packed_lstm hands our packing to nn.LSTM (cuDNN) as a PackedSequence; that hand-over runs
+    # on the CPU too, so it is checked here against the CPU recurrence.
+    torch.manual_seed(1)
+    lstm = torch.nn.LSTM(4, 5, 2, bidirectional=True).double()
+    lengths = torch.tensor([2, 5, 1, 5])
+    packing = Packing.from_lengths(lengths, 6, "cpu")
+    x = torch.randn(int(lengths.sum()), 4, dtype=torch.double)
+    state = tuple(torch.randn(4, 4, 5, dtype=torch.double) for _ in range(2))
+    for a, b in zip(_cudnn_lstm(lstm, x, packing, state), packed_lstm(lstm, x, packing, state)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+def test_packing_round_trip():
+    lengths = torch.tensor([2, 4, 1])
+    packing = Packing.from_lengths(lengths, 5, "cpu")
+    padded = torch.arange(15).view(3, 5) + 1
+    packed = packing.pack(padded)
+    assert packed.tolist() == [6, 1, 11, 7, 2, 8, 9]            # time-major, longest row first
+    assert packing.batch_sizes == [3, 2, 1, 1]
+    assert packing.token_rows.tolist() == [1, 0, 2, 1, 0, 1, 1]
+    assert torch.equal(packing.unpack(packed), padded * (torch.arange(5) < lengths.unsqueeze(1)))
+
+
+def test_dropout_is_bernoulli_and_scaled():
+    x = torch.ones(1000, 1000)
+    for p in (0.1, 0.5):
+        out = lstm_dropout(x, p, training=True)
+        kept = out != 0
+        assert torch.allclose(out[kept], torch.tensor(1 / (1 - p)))
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.005   # 1M draws: sd of the mean < 0.0005
+    assert lstm_dropout(x, 0.5, training=False) is x
 
 
 # ---- (g) CUDA ----------------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ only, and an attention decoder writes the query's output.
 Layout: the B*nq queries of a batch are flattened to N rows in episode-major order, so row n belongs to
 episode n // nq. Padded queries (length 0) stay in place as rows of length 1: a single encoder step is cheaper
 than gathering and scattering the valid rows, and their outputs are masked everywhere (loss, decoding).
+
+Cost: every LSTM (trainer/lstm.py), the decoder's output layers and the loss run on the valid tokens only,
+packed time-major; a SCAN batch is about two thirds padding. Only the attention scores, a small share, are
+computed on the padded grid, where they need the per-row layout.
 """
 from __future__ import annotations
 
@@ -16,10 +20,10 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID
 from trainer.batch import EpisodeBatch
+from trainer.lstm import Dropout, Packing, packed_lstm
 
 NUM_SPECIAL_TOKENS = 3  # PAD, SOS, EOS head every vocabulary
 
@@ -100,25 +104,23 @@ class SeqEncoder(nn.Module):
         super().__init__()
         self.emb_size = emb_size
         self.embedding = nn.Embedding(vocab_size, emb_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.lstm = nn.LSTM(emb_size, emb_size, nlayers, batch_first=True, bidirectional=True,
                             dropout=dropout if nlayers > 1 else 0.0)
 
-    def forward(self, tokens: torch.Tensor, lengths_cpu: torch.Tensor,
+    def forward(self, tokens: torch.Tensor, packing: Packing,
                 want_steps: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """tokens (N, T), lengths_cpu (N,) >= 1 on the CPU -> (steps (N, T, E) or None, final (N, E)).
+        """tokens (N, T) -> (steps (total, E) in packing's layout, or None; final (N, E)).
 
-        Packing makes the backward direction start at each sequence's last valid token; padded steps of
-        `steps` are 0. `final` is the last layer's h_n, forward + backward.
+        Only the valid tokens are embedded and run, and the backward direction starts at each sequence's
+        last valid token. `final` is the last layer's h_n, forward + backward.
         """
-        embedded = self.dropout(self.embedding(tokens))                     # (N, T, E)
-        packed = pack_padded_sequence(embedded, lengths_cpu, batch_first=True, enforce_sorted=False)
-        out, (h_n, _) = self.lstm(packed)                                   # h_n (2*nlayers, N, E)
+        embedded = self.dropout(self.embedding(packing.pack(tokens)))       # (total, E)
+        out, h_n = packed_lstm(self.lstm, embedded, packing)                # (total, 2E), (2*nlayers, N, E)
         final = h_n[-2] + h_n[-1]                                           # (N, E)
         if not want_steps:
             return None, final
-        steps, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])  # (N, T, 2E)
-        return steps[..., :self.emb_size] + steps[..., self.emb_size:], final
+        return out[:, :self.emb_size] + out[:, self.emb_size:], final
 
 
 @dataclass
@@ -128,6 +130,33 @@ class _Encoded:
     context_mask: torch.Tensor             # (N, Tqi) bool: valid query steps
     init: torch.Tensor                     # (N, E): decoder h0 = c0 on every layer
     memory_attention: torch.Tensor | None  # (B, nq, Tqi, ns)
+
+
+@dataclass
+class _Lengths:
+    """The batch's lengths on the CPU, where the packing arithmetic runs: one transfer per batch (the only
+    host-device sync of a training step). 0 (padded item) is raised to 1: a padded row costs one step."""
+    query_in: torch.Tensor     # (B*nq,)
+    support_in: torch.Tensor   # (B*ns,)
+    support_out: torch.Tensor  # (B*ns,)
+    query_out: torch.Tensor    # (B*nq,) raw, 0 for padded queries
+
+    @classmethod
+    def of(cls, batch: EpisodeBatch) -> "_Lengths":
+        parts = [batch.query_in_len, batch.support_in_len, batch.support_out_len, batch.query_out_len]
+        flat = torch.cat([p.reshape(-1) for p in parts]).cpu()
+        q_in, s_in, s_out, q_out = flat.split([p.numel() for p in parts])
+        return cls(q_in.clamp(min=1), s_in.clamp(min=1), s_out.clamp(min=1), q_out)
+
+
+def _token_weights(target_lengths: torch.Tensor) -> torch.Tensor:
+    """(B, nq) target lengths (0 = padded query) -> (B*nq,) the loss weight of each token of each row:
+    1 / (tokens in its episode * episodes with tokens), so the weighted sum is the mean over episodes of
+    each episode's token-mean."""
+    count = target_lengths.sum(1, keepdim=True)                            # (B, 1)
+    episodes = (count > 0).sum().clamp(min=1)
+    weights = (target_lengths > 0) / (count.clamp(min=1) * episodes)       # (B, nq)
+    return weights.reshape(-1).float()
 
 
 def _right_pad(tokens: torch.Tensor, length: int) -> torch.Tensor:
@@ -144,7 +173,7 @@ class MetaSeq2Seq(nn.Module):
             self.output_encoder = SeqEncoder(cfg.output_vocab_size, E, cfg.nlayers, cfg.dropout)
             self.memory_combine = nn.Linear(2 * E, E)          # c_t = tanh(W [q_t; m_t])
         self.dec_embedding = nn.Embedding(cfg.output_vocab_size, E)
-        self.dec_dropout = nn.Dropout(cfg.dropout)
+        self.dec_dropout = Dropout(cfg.dropout)
         self.dec_lstm = nn.LSTM(E, E, cfg.nlayers, batch_first=True,
                                 dropout=cfg.dropout if cfg.nlayers > 1 else 0.0)
         if not cfg.disable_attention:
@@ -153,27 +182,28 @@ class MetaSeq2Seq(nn.Module):
 
     # ---- encoder -------------------------------------------------------------------------------------
 
-    def _encode(self, batch: EpisodeBatch) -> _Encoded:
+    def _encode(self, batch: EpisodeBatch, lengths: _Lengths | None = None) -> _Encoded:
+        lengths = _Lengths.of(batch) if lengths is None else lengths
         B, nq, Tqi = batch.query_in.shape
-        # pack_padded_sequence wants CPU lengths: one transfer for all of them (the only sync of a forward).
+        device = batch.query_in.device
         q_len = batch.query_in_len.reshape(-1).clamp(min=1)                 # (N,) padded queries -> 1 step
         if self.cfg.disable_memory:
-            steps, final = self.input_encoder(batch.query_in.reshape(B * nq, Tqi), q_len.cpu())
-            return _Encoded(steps, self._step_mask(q_len, Tqi), final, None)
+            packing = Packing.from_lengths(lengths.query_in, Tqi, device)
+            steps, final = self.input_encoder(batch.query_in.reshape(B * nq, Tqi), packing)
+            return _Encoded(packing.unpack(steps), self._step_mask(q_len, Tqi), final, None)
 
         ns = batch.support_in.shape[1]
-        s_in_len = batch.support_in_len.reshape(-1).clamp(min=1)            # (B*ns,)
-        s_out_len = batch.support_out_len.reshape(-1).clamp(min=1)
-        lengths_cpu = torch.cat([q_len, s_in_len, s_out_len]).cpu()
         # One call of the shared input encoder for the queries and the support inputs (fewer LSTM calls).
         T = max(Tqi, batch.support_in.shape[2])
         tokens = torch.cat([_right_pad(batch.query_in.reshape(B * nq, Tqi), T),
                             _right_pad(batch.support_in.reshape(B * ns, -1), T)])
-        steps, final = self.input_encoder(tokens, lengths_cpu[:B * nq + B * ns])
-        q_steps = steps[:B * nq, :Tqi]                                      # (N, Tqi, E)
+        packing = Packing.from_lengths(torch.cat([lengths.query_in, lengths.support_in]), T, device)
+        steps, final = self.input_encoder(tokens, packing)
+        q_steps = packing.unpack(steps)[:B * nq, :Tqi]                      # (N, Tqi, E), 0 at padded steps
         keys = final[B * nq:].view(B, ns, -1)                               # (B, ns, E)
-        _, values = self.output_encoder(batch.support_out.reshape(B * ns, -1),
-                                        lengths_cpu[B * nq + B * ns:], want_steps=False)
+        out_tokens = batch.support_out.reshape(B * ns, -1)
+        _, values = self.output_encoder(out_tokens, Packing.from_lengths(lengths.support_out, out_tokens.shape[1],
+                                                                          device), want_steps=False)
         values = values.view(B, ns, -1)                                     # (B, ns, E)
 
         # Each episode attends to its own support items: its nq*Tqi query steps against its ns keys.
@@ -196,9 +226,8 @@ class MetaSeq2Seq(nn.Module):
 
     def decode(self, dec_in: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
                context: torch.Tensor, context_mask: torch.Tensor):
-        """Run the decoder over dec_in (R, T) from `state`, attending over context (R, Tqi, E) where
-        context_mask (R, Tqi) holds. T is the whole target under teacher forcing, or 1 per greedy step:
-        the attention output is not fed back into the LSTM, so both give the same numbers.
+        """Decoder steps over dec_in (R, T) from `state`, attending over context (R, Tqi, E) where
+        context_mask (R, Tqi) holds (greedy decoding runs it with T = 1).
 
         Returns logits (R, T, V_out), the new state, and the decoder attention (R, T, Tqi) or None.
         """
@@ -207,37 +236,51 @@ class MetaSeq2Seq(nn.Module):
         if self.cfg.disable_attention:
             return self.out(h), state, None
         ctx, attn = masked_attention(h, context, context, context_mask)     # (R, T, E), (R, T, Tqi)
-        hidden = torch.tanh(self.attn_combine(torch.cat([h, ctx], -1)))    # (R, T, E)
-        return self.out(hidden), state, attn
+        return self.out(self._combine(h, ctx)), state, attn
+
+    def _combine(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.attn_combine(torch.cat([h, ctx], -1)))     # tanh(W [h_t; ctx_t])
+
+    def _teacher_forced(self, batch: EpisodeBatch) -> tuple[torch.Tensor, Packing, _Lengths]:
+        """Teacher-forced logits (total, V_out) of the valid target tokens only, in the layout of the
+        returned packing of the N = B*nq target rows; decoder input is SOS + query_out[..., :-1].
+
+        The decoder LSTM, the output layers and the loss see only valid tokens: the attention result is
+        not fed back into the LSTM, so it runs over whole packed targets at once (the same numbers as
+        stepping). Only the attention scores (a small bmm) are computed on the padded (N, Tqo) grid.
+        """
+        B, nq, Tqo = batch.query_out.shape
+        lengths = _Lengths.of(batch)
+        enc = self._encode(batch, lengths)
+        targets = batch.query_out.reshape(B * nq, Tqo)
+        packing = Packing.from_lengths(lengths.query_out.clamp(min=1), Tqo, targets.device)
+        dec_in = torch.cat([torch.full_like(targets[:, :1], SOS_ID), targets[:, :-1]], 1)
+        embedded = self.dec_dropout(self.dec_embedding(packing.pack(dec_in)))  # (total, E)
+        h, _ = packed_lstm(self.dec_lstm, embedded, packing, self.initial_state(enc))  # (total, E)
+        if not self.cfg.disable_attention:
+            ctx, _ = masked_attention(packing.unpack(h), enc.context, enc.context, enc.context_mask)
+            h = self._combine(h, packing.pack(ctx))                        # (total, E)
+        return self.out(h), packing, lengths
 
     # ---- public API ----------------------------------------------------------------------------------
 
     def forward(self, batch: EpisodeBatch) -> torch.Tensor:
         """Teacher-forced logits (B, nq, Tqo, V_out); decoder input is SOS + query_out[..., :-1].
-        Logits at padded target steps and padded queries are meaningless."""
+        Logits at padded target steps and padded queries are 0 (meaningless)."""
         B, nq, Tqo = batch.query_out.shape
-        enc = self._encode(batch)
-        targets = batch.query_out.reshape(B * nq, Tqo)
-        # A plain padded LSTM call suffices: padding only follows the valid steps of a forward LSTM.
-        sos = torch.full_like(targets[:, :1], SOS_ID)
-        logits, _, _ = self.decode(torch.cat([sos, targets[:, :-1]], 1), self.initial_state(enc),
-                                   enc.context, enc.context_mask)
-        return logits.view(B, nq, Tqo, -1)
+        logits, packing, _ = self._teacher_forced(batch)
+        return packing.unpack(logits).view(B, nq, Tqo, -1)
 
     def loss(self, batch: EpisodeBatch) -> torch.Tensor:
         """Masked cross-entropy over valid target tokens (EOS included): token-mean within each episode,
-        then mean over episodes (so the gradient scale does not depend on B)."""
-        logits = self(batch)                                                # (B, nq, Tqo, V)
-        B, nq, Tqo, V = logits.shape
-        token_loss = F.cross_entropy(logits.reshape(-1, V).float(), batch.query_out.reshape(-1),
-                                     reduction="none").view(B, nq * Tqo)
-        steps = torch.arange(Tqo, device=logits.device)
-        valid = (steps < batch.query_out_len.unsqueeze(-1)).view(B, nq * Tqo)   # (B, nq*Tqo)
-        count = valid.sum(1)                                                # (B,)
-        per_episode = torch.where(valid, token_loss, 0.0).sum(1) / count.clamp(min=1)
-        # Episodes without a single target token (pure padding) do not count in the mean.
-        has_tokens = count > 0
-        return (per_episode * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+        then mean over episodes (so the gradient scale does not depend on B). Episodes without a single
+        target token (pure padding) do not count in the mean."""
+        B, nq, Tqo = batch.query_out.shape
+        logits, packing, lengths = self._teacher_forced(batch)             # (total, V)
+        targets = packing.pack(batch.query_out.reshape(B * nq, Tqo))        # (total,)
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+        weights = _token_weights(lengths.query_out.view(B, nq)).to(logits.device, non_blocking=True)
+        return (token_loss * weights[packing.token_rows]).sum()
 
     @torch.no_grad()
     def greedy_decode(self, batch: EpisodeBatch, max_length: int,

@@ -1,0 +1,256 @@
+"""LSTMs over packed sequences that cost only their valid tokens, fast on the CPU.
+
+The model's sequences (commands, action sequences) are short and of very different lengths, so padding
+them to the longest one wastes most of an LSTM's work. PyTorch's CPU LSTM either runs padded (oneDNN) or,
+given a PackedSequence, steps through a generic cell whose backward is many small autograd nodes, with
+the input projection recomputed per step. Here a layer is:
+
+- one matrix product for the input projection of all valid tokens at once (autograd);
+- a recurrence (`_Recurrence`, an autograd Function) over the packed steps: per step, one product with
+  W_hh on the rows still running and a few in-place element-wise ops; its backward is the same loop in
+  reverse, and the W_hh gradient is one product over all tokens at the end.
+
+The parameters are those of an `nn.LSTM` (same names and layout), so checkpoints do not change. On CUDA
+the packed nn.LSTM (cuDNN) is used instead.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+
+@dataclass
+class Packing:
+    """How N padded rows of width T map to the packed, time-major layout: step t holds the rows still
+    running at t, longest first (the layout of pack_padded_sequence)."""
+    batch_sizes: list[int]        # rows at each step, non-increasing
+    sorted_indices: torch.Tensor  # (N,) row at each position within a step
+    unsorted_indices: torch.Tensor  # (N,) position within a step of each row
+    flat_index: torch.Tensor      # (total,) packed token -> row * T + t
+    token_rows: torch.Tensor      # (total,) packed token -> row
+    last_index: torch.Tensor      # (N,) packed position of each row's last token
+    rows: int                     # N
+    width: int                    # T
+
+    @classmethod
+    def from_lengths(cls, lengths_cpu: torch.Tensor, width: int, device) -> "Packing":
+        """lengths_cpu (N,) >= 1, on the CPU (the index arithmetic stays on the host)."""
+        lengths_cpu = lengths_cpu.to(torch.long)
+        sorted_lengths, sorted_indices = torch.sort(lengths_cpu, descending=True, stable=True)
+        running = torch.arange(width).unsqueeze(1) < sorted_lengths.unsqueeze(0)   # (T, N) time-major
+        steps, positions = running.nonzero(as_tuple=True)                           # packed order
+        batch_sizes = running.sum(1)
+        offsets = torch.cumsum(batch_sizes, 0) - batch_sizes                        # (T,)
+        unsorted_indices = torch.empty_like(sorted_indices)
+        unsorted_indices[sorted_indices] = torch.arange(len(sorted_indices))
+        last_index = offsets[lengths_cpu - 1] + unsorted_indices
+        token_rows = sorted_indices[positions]
+        to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return cls([int(n) for n in batch_sizes if n > 0], to(sorted_indices), to(unsorted_indices),
+                   to(token_rows * width + steps), to(token_rows), to(last_index), len(lengths_cpu), width)
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """(N, T, ...) -> (total, ...)."""
+        return padded.flatten(0, 1)[self.flat_index]
+
+    def unpack(self, data: torch.Tensor) -> torch.Tensor:
+        """(total, ...) -> (N, T, ...), zero at padded steps."""
+        out = data.new_zeros((self.rows * self.width,) + data.shape[1:])
+        return out.index_copy(0, self.flat_index, data).view((self.rows, self.width) + data.shape[1:])
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout with the mask drawn by torch.rand: the same Bernoulli(1 - p) keep mask and 1 / (1 - p)
+    scale, but the CPU's bernoulli_ takes about 3 times as long as rand (measured here, 1M elements)."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand(x.shape, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))
+    return x * keep.to(x.dtype)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through `dropout` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def packed_lstm(lstm: nn.LSTM, x: torch.Tensor, packing: Packing,
+                state: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `lstm` (batch_first or not, any layers, uni- or bidirectional) over packed inputs.
+
+    x (total, input_size) in packing's layout; state (h0, c0), each (layers * directions, N, E) in row
+    order, zeros when None. Returns (output (total, directions * E) of the last layer, h_n (layers *
+    directions, N, E) in row order), as nn.LSTM would for the same PackedSequence.
+    """
+    if x.is_cuda:
+        return _cudnn_lstm(lstm, x, packing, state)
+    return _cpu_lstm(lstm, x, packing, state)
+
+
+def _cudnn_lstm(lstm: nn.LSTM, x, packing: Packing, state):
+    batch_sizes = torch.tensor(packing.batch_sizes)
+    packed = PackedSequence(x, batch_sizes, packing.sorted_indices, packing.unsorted_indices)
+    out, (h_n, _) = lstm(packed, state)
+    return out.data, h_n
+
+
+@torch.compiler.disable  # a data-dependent Python loop: keep it out of torch.compile graphs
+def _cpu_lstm(lstm: nn.LSTM, x, packing: Packing, state):
+    directions = 2 if lstm.bidirectional else 1
+    E, N = lstm.hidden_size, packing.rows
+    if state is None:
+        zeros = x.new_zeros(lstm.num_layers * directions, N, E)
+        state = (zeros, zeros)
+    h0, c0 = (s[:, packing.sorted_indices] for s in state)                       # sorted order
+    h_n = []
+    for layer in range(lstm.num_layers):
+        if layer > 0:  # nn.LSTM's dropout: on every layer's output but the last
+            x = dropout(x, lstm.dropout, lstm.training)
+        outputs = []
+        for d in range(directions):
+            k = layer * directions + d
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w_ih, w_hh = getattr(lstm, "weight_ih" + sfx), getattr(lstm, "weight_hh" + sfx)
+            b_ih, b_hh = getattr(lstm, "bias_ih" + sfx), getattr(lstm, "bias_hh" + sfx)
+            x_proj = F.linear(x, w_ih[_GATE_ORDER[E]], (b_ih + b_hh)[_GATE_ORDER[E]])  # (total, 4E)
+            out = _Recurrence.apply(x_proj, h0[k], c0[k], w_hh[_GATE_ORDER[E]], packing.batch_sizes, bool(d))
+            outputs.append(out)
+            # The state after each row's last step: at its last token going forward, at its first backward.
+            h_n.append(out[packing.last_index] if d == 0 else out[:N][packing.unsorted_indices])
+        x = torch.cat(outputs, 1) if directions > 1 else outputs[0]
+    return x, torch.stack(h_n)
+
+
+class _GateOrder(dict):
+    """nn.LSTM stores the gates as (i, f, g, o); the recurrence wants (o, i, f, g): one sigmoid covers the
+    first three and one tanh the last, and the three gates whose gradient needs dc are adjacent."""
+    def __missing__(self, E: int) -> torch.Tensor:
+        order = torch.cat([torch.arange(3 * E, 4 * E), torch.arange(0, 3 * E)])
+        self[E] = order
+        return order
+
+
+_GATE_ORDER = _GateOrder()
+
+
+def _schedule(batch_sizes: list[int], reverse: bool) -> list[tuple[int, int, int]]:
+    """(t, n, m) per step in the order the recurrence runs: step t has n rows, and its first m rows
+    continue the previous step's first m rows (the others start from h0, c0). Going forward every row
+    continues (m = n) but at the first step; going backward the rows of the later step continue and the
+    rows whose last token is at t start."""
+    order = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
+    schedule, prev_n = [], 0
+    for t in order:
+        n = batch_sizes[t]
+        schedule.append((t, n, min(n, prev_n)))
+        prev_n = n
+    return schedule
+
+
+def _prev_index(batch_sizes: list[int], reverse: bool) -> torch.Tensor:
+    """(total,) for each token, the row of its previous state in cat([all states, initial states])."""
+    sizes = torch.tensor(batch_sizes)
+    total, T = int(sizes.sum()), len(batch_sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    prev = torch.arange(T) + (1 if reverse else -1)                         # the step that runs before t
+    has_prev = (prev >= 0) & (prev < T)
+    prev_start = torch.where(has_prev, starts[prev.clamp(0, T - 1)], 0)
+    continuing = torch.where(has_prev, torch.minimum(sizes, sizes[prev.clamp(0, T - 1)]), 0)  # m per step
+    step = torch.repeat_interleave(torch.arange(T), sizes)                 # (total,)
+    row = torch.arange(total) - starts[step]
+    return torch.where(row < continuing[step], prev_start[step] + row, total + row)
+
+
+def _no_autocast(device_type: str):
+    """Autocast off inside the recurrence (entering the context costs more than a step when it is off)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _Recurrence(torch.autograd.Function):
+    """One direction of one LSTM layer over packed steps, given the input projections.
+
+    x_proj (total, 4E): the gates (o, i, f, g) without the recurrent term; h0, c0 (N, E) in sorted order;
+    w_hh (4E, E) in the same gate order. Returns h (total, E). Runs in float32 (or float64) whatever the
+    autocast state (the recurrence is a small share of the FLOPs next to the input projection, which
+    autocast covers). Per-step views come from one `split` per tensor: slicing in the loop would cost
+    more than the arithmetic at small batches.
+    """
+
+    @staticmethod
+    def forward(ctx, x_proj, h0, c0, w_hh, batch_sizes: list[int], reverse: bool):
+        with _no_autocast(x_proj.device.type):
+            dtype = torch.promote_types(x_proj.dtype, torch.float32)         # bf16 -> float32
+            x_proj, h0, c0, w_hh = (t.to(dtype) for t in (x_proj, h0, c0, w_hh))
+            E = h0.shape[1]
+            gates = torch.empty_like(x_proj)                                  # activated (o, i, f, g)
+            c_all = x_proj.new_empty(x_proj.shape[0], E)
+            h_all, tanh_c = torch.empty_like(c_all), torch.empty_like(c_all)
+            xs, gs, cs, hs, tcs = (t.split(batch_sizes) for t in (x_proj, gates, c_all, h_all, tanh_c))
+            w_t = w_hh.t()
+            h_prev, c_prev = h0[:0], c0[:0]
+            for t, n, m in _schedule(batch_sizes, reverse):
+                g, c, tc, h = gs[t], cs[t], tcs[t], hs[t]
+                if m < n:  # rows m..n start here, from h0, c0
+                    h_prev, c_prev = torch.cat([h_prev[:m], h0[m:n]]), torch.cat([c_prev[:m], c0[m:n]])
+                torch.addmm(xs[t], h_prev[:n], w_t, out=g)
+                o, i, f, cand = g.split(E, 1)
+                g[:, :3 * E].sigmoid_()
+                cand.tanh_()
+                torch.mul(f, c_prev[:n], out=c)
+                c.addcmul_(i, cand)
+                torch.tanh(c, out=tc)
+                torch.mul(o, tc, out=h)
+                h_prev, c_prev = h, c
+        ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
+        ctx.save_for_backward(gates, c_all, tanh_c, h_all, h0, c0, w_hh)
+        return h_all
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        gates, c_all, tanh_c, h_all, h0, c0, w_hh = ctx.saved_tensors
+        batch_sizes = ctx.batch_sizes
+        with _no_autocast(grad_h.device.type):
+            grad_h = grad_h.to(h_all.dtype).contiguous()
+            total, E = h_all.shape
+            prev_index = _prev_index(batch_sizes, ctx.reverse).to(h0.device)
+            h_prev = torch.cat([h_all, h0])[prev_index]                      # (total, E)
+            c_prev = torch.cat([c_all, c0])[prev_index]
+            o, i, f, g = gates.split(E, 1)
+            # Everything that does not depend on the recurrence, for all tokens at once.
+            dc_per_dh = o * (1 - tanh_c * tanh_c)                             # dc += dh * this
+            do_per_dh = tanh_c * o * (1 - o)                                  # d(o pre-activation) = dh * this
+            difg_per_dc = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 1)  # (total, 3, E)
+            grad_gates = torch.empty(total, 4, E, dtype=h_all.dtype, device=h_all.device)  # pre-activation
+            grad_h0, grad_c0 = torch.zeros_like(h0), torch.zeros_like(c0)
+            dhs, dgs, fs = grad_h.split(batch_sizes), grad_gates.split(batch_sizes), f.split(batch_sizes)
+            dc_dhs, do_dhs, difg_dcs = (t.split(batch_sizes) for t in (dc_per_dh, do_per_dh, difg_per_dc))
+            carry_h = carry_c = None                                         # into the step that ran before
+            for t, n, m in reversed(_schedule(batch_sizes, ctx.reverse)):
+                dh = dhs[t]
+                if carry_h is None:
+                    dc = dh * dc_dhs[t]
+                else:
+                    r = carry_h.shape[0]
+                    if r < n:
+                        carry_h, carry_c = (F.pad(x, (0, 0, 0, n - r)) for x in (carry_h, carry_c))
+                    dh = dh + carry_h
+                    dc = torch.addcmul(carry_c, dh, dc_dhs[t])
+                dg = dgs[t]                                                   # (n, 4, E)
+                torch.mul(dh, do_dhs[t], out=dg[:, 0])
+                torch.mul(dc.unsqueeze(1), difg_dcs[t], out=dg[:, 1:])
+                d_prev_h, d_prev_c = dg.view(n, 4 * E) @ w_hh, dc * fs[t]     # (n, E)
+                if m < n:  # rows m..n started from h0, c0
+                    grad_h0[m:n], grad_c0[m:n] = d_prev_h[m:], d_prev_c[m:]
+                    d_prev_h, d_prev_c = d_prev_h[:m], d_prev_c[:m]
+                carry_h, carry_c = d_prev_h, d_prev_c
+            grad_gates = grad_gates.view(total, 4 * E)
+            grad_w_hh = grad_gates.t() @ h_prev                               # (4E, E)
+        return grad_gates, grad_h0, grad_c0, grad_w_hh, None, None
