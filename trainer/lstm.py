@@ -118,25 +118,13 @@ def _cpu_lstm(lstm: nn.LSTM, x, packing: Packing, state):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
             w_ih, w_hh = getattr(lstm, "weight_ih" + sfx), getattr(lstm, "weight_hh" + sfx)
             b_ih, b_hh = getattr(lstm, "bias_ih" + sfx), getattr(lstm, "bias_hh" + sfx)
-            x_proj = F.linear(x, w_ih[_GATE_ORDER[E]], (b_ih + b_hh)[_GATE_ORDER[E]])  # (total, 4E)
-            out = _Recurrence.apply(x_proj, h0[k], c0[k], w_hh[_GATE_ORDER[E]], packing.batch_sizes, bool(d))
+            x_proj = F.linear(x, w_ih, b_ih + b_hh)                           # (total, 4E)
+            out = _Recurrence.apply(x_proj, h0[k], c0[k], w_hh, packing.batch_sizes, bool(d))
             outputs.append(out)
             # The state after each row's last step: at its last token going forward, at its first backward.
             h_n.append(out[packing.last_index] if d == 0 else out[:N][packing.unsorted_indices])
         x = torch.cat(outputs, 1) if directions > 1 else outputs[0]
     return x, torch.stack(h_n)
-
-
-class _GateOrder(dict):
-    """nn.LSTM stores the gates as (i, f, g, o); the recurrence wants (o, i, f, g): one sigmoid covers the
-    first three and one tanh the last, and the three gates whose gradient needs dc are adjacent."""
-    def __missing__(self, E: int) -> torch.Tensor:
-        order = torch.cat([torch.arange(3 * E, 4 * E), torch.arange(0, 3 * E)])
-        self[E] = order
-        return order
-
-
-_GATE_ORDER = _GateOrder()
 
 
 def _schedule(batch_sizes: list[int], reverse: bool) -> list[tuple[int, int, int]]:
@@ -167,6 +155,12 @@ def _prev_index(batch_sizes: list[int], reverse: bool) -> torch.Tensor:
     return torch.where(row < continuing[step], prev_start[step] + row, total + row)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _no_autocast(device_type: str):
     """Autocast off inside the recurrence (entering the context costs more than a step when it is off)."""
     if torch.is_autocast_enabled(device_type):
@@ -177,39 +171,45 @@ def _no_autocast(device_type: str):
 class _Recurrence(torch.autograd.Function):
     """One direction of one LSTM layer over packed steps, given the input projections.
 
-    x_proj (total, 4E): the gates (o, i, f, g) without the recurrent term; h0, c0 (N, E) in sorted order;
-    w_hh (4E, E) in the same gate order. Returns h (total, E). Runs in float32 (or float64) whatever the
-    autocast state (the recurrence is a small share of the FLOPs next to the input projection, which
-    autocast covers). Per-step views come from one `split` per tensor: slicing in the loop would cost
-    more than the arithmetic at small batches.
+    x_proj (total, 4E): the gates (i, f, g, o), nn.LSTM's order, without the recurrent term; h0, c0 (N, E)
+    in sorted order; w_hh (4E, E). Returns h (total, E). States and gates are float32 (or float64);
+    under autocast the products with W_hh run in its low precision, as autocast runs nn.LSTM's.
+    Per-step views come from one `split` per tensor: slicing in the loop would cost more than the
+    arithmetic at small batches.
     """
 
     @staticmethod
     def forward(ctx, x_proj, h0, c0, w_hh, batch_sizes: list[int], reverse: bool):
+        mm_dtype = _autocast_dtype(x_proj.device.type)
         with _no_autocast(x_proj.device.type):
             dtype = torch.promote_types(x_proj.dtype, torch.float32)         # bf16 -> float32
             x_proj, h0, c0, w_hh = (t.to(dtype) for t in (x_proj, h0, c0, w_hh))
+            mm_dtype = mm_dtype or dtype
             E = h0.shape[1]
-            gates = torch.empty_like(x_proj)                                  # activated (o, i, f, g)
+            gates = torch.empty_like(x_proj)                                  # activated (i, f, g, o)
             c_all = x_proj.new_empty(x_proj.shape[0], E)
             h_all, tanh_c = torch.empty_like(c_all), torch.empty_like(c_all)
             xs, gs, cs, hs, tcs = (t.split(batch_sizes) for t in (x_proj, gates, c_all, h_all, tanh_c))
-            w_t = w_hh.t()
+            w_t = w_hh.t().to(mm_dtype)
             h_prev, c_prev = h0[:0], c0[:0]
             for t, n, m in _schedule(batch_sizes, reverse):
                 g, c, tc, h = gs[t], cs[t], tcs[t], hs[t]
                 if m < n:  # rows m..n start here, from h0, c0
                     h_prev, c_prev = torch.cat([h_prev[:m], h0[m:n]]), torch.cat([c_prev[:m], c0[m:n]])
-                torch.addmm(xs[t], h_prev[:n], w_t, out=g)
-                o, i, f, cand = g.split(E, 1)
-                g[:, :3 * E].sigmoid_()
+                if mm_dtype == dtype:
+                    torch.addmm(xs[t], h_prev[:n], w_t, out=g)
+                else:
+                    torch.add(xs[t], h_prev[:n].to(mm_dtype) @ w_t, out=g)
+                i, f, cand, o = g.split(E, 1)
+                g[:, :2 * E].sigmoid_()
                 cand.tanh_()
+                o.sigmoid_()
                 torch.mul(f, c_prev[:n], out=c)
                 c.addcmul_(i, cand)
                 torch.tanh(c, out=tc)
                 torch.mul(o, tc, out=h)
                 h_prev, c_prev = h, c
-        ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
+        ctx.batch_sizes, ctx.reverse, ctx.mm_dtype = batch_sizes, reverse, mm_dtype
         ctx.save_for_backward(gates, c_all, tanh_c, h_all, h0, c0, w_hh)
         return h_all
 
@@ -219,11 +219,12 @@ class _Recurrence(torch.autograd.Function):
         batch_sizes = ctx.batch_sizes
         with _no_autocast(grad_h.device.type):
             grad_h = grad_h.to(h_all.dtype).contiguous()
+            w_mm = w_hh.to(ctx.mm_dtype)
             total, E = h_all.shape
             prev_index = _prev_index(batch_sizes, ctx.reverse).to(h0.device)
             h_prev = torch.cat([h_all, h0])[prev_index]                      # (total, E)
             c_prev = torch.cat([c_all, c0])[prev_index]
-            o, i, f, g = gates.split(E, 1)
+            i, f, g, o = gates.split(E, 1)
             # Everything that does not depend on the recurrence, for all tokens at once.
             dc_per_dh = o * (1 - tanh_c * tanh_c)                             # dc += dh * this
             do_per_dh = tanh_c * o * (1 - o)                                  # d(o pre-activation) = dh * this
@@ -244,13 +245,13 @@ class _Recurrence(torch.autograd.Function):
                     dh = dh + carry_h
                     dc = torch.addcmul(carry_c, dh, dc_dhs[t])
                 dg = dgs[t]                                                   # (n, 4, E)
-                torch.mul(dh, do_dhs[t], out=dg[:, 0])
-                torch.mul(dc.unsqueeze(1), difg_dcs[t], out=dg[:, 1:])
-                d_prev_h, d_prev_c = dg.view(n, 4 * E) @ w_hh, dc * fs[t]     # (n, E)
+                torch.mul(dc.unsqueeze(1), difg_dcs[t], out=dg[:, :3])
+                torch.mul(dh, do_dhs[t], out=dg[:, 3])
+                d_prev_h, d_prev_c = (dg.view(n, 4 * E).to(w_mm.dtype) @ w_mm).to(dc.dtype), dc * fs[t]
                 if m < n:  # rows m..n started from h0, c0
                     grad_h0[m:n], grad_c0[m:n] = d_prev_h[m:], d_prev_c[m:]
                     d_prev_h, d_prev_c = d_prev_h[:m], d_prev_c[:m]
                 carry_h, carry_c = d_prev_h, d_prev_c
             grad_gates = grad_gates.view(total, 4 * E)
-            grad_w_hh = grad_gates.t() @ h_prev                               # (4E, E)
+            grad_w_hh = grad_gates.t().to(w_mm.dtype) @ h_prev.to(w_mm.dtype)  # (4E, E)
         return grad_gates, grad_h0, grad_c0, grad_w_hh, None, None
