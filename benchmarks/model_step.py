@@ -1,13 +1,14 @@
 """A training step of trainer/model.py against the same step of an earlier commit, in one run.
 
     python benchmarks/model_step.py [--baseline REV] [--cases ME:8 scan_prim_augmentation:1 ...]
-                                    [--rounds 5] [--steps 6] [--threads 1] [--amp none|bf16]
+                                    [--rounds 5] [--steps 6] [--min_seconds 3] [--threads 1] [--amp none|bf16]
 
 For each case (episode type : batch size) it generates a small store, collates the same batches (support
 items as queries, as the trainer does), builds both models with the same weights, and times training steps
-(loss, backward, clip, Adam; dropout on) alternating between the two implementations, `--rounds` times, so
-that a busy machine slows both alike. It prints JSON: per case the median episodes/s of each side, the
-median of the per-round ratios, and the first batch's loss on both sides in eval mode (they must agree).
+(loss, backward, clip, Adam; dropout on) alternating between the two implementations, `--rounds` times,
+each timing at least `--min_seconds`, so that a busy machine slows both alike. It prints JSON: per case
+the median episodes/s of each side, the median of the per-round ratios, and the first batch's loss on
+both sides in eval mode (they must agree).
 The baseline's trainer/model.py is read with `git show REV:trainer/model.py` and loaded beside ours.
 """
 from __future__ import annotations
@@ -59,6 +60,7 @@ def make_batches(episode_type: str, batch_size: int, n_batches: int, tmp: Path):
 
 
 def train_steps(model, optimizer, batches, amp: str = "none") -> float:
+    """Seconds for one optimizer step on each batch (loss, backward, clip, Adam)."""
     start = time.perf_counter()
     for batch in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
@@ -68,6 +70,15 @@ def train_steps(model, optimizer, batches, amp: str = "none") -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 50.0)
         optimizer.step()
     return time.perf_counter() - start
+
+
+def episodes_per_s(model, optimizer, batches, args) -> float:
+    """Passes over `batches` until --min_seconds have gone by: short timings are mostly noise here."""
+    episodes, seconds = 0, 0.0
+    while seconds < args.min_seconds or episodes == 0:
+        seconds += train_steps(model, optimizer, batches, args.amp)
+        episodes += sum(b.num_episodes for b in batches)
+    return episodes / seconds
 
 
 def bench_case(episode_type: str, batch_size: int, baseline, args, tmp: Path) -> dict:
@@ -85,7 +96,7 @@ def bench_case(episode_type: str, batch_size: int, baseline, args, tmp: Path) ->
     rates: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(args.rounds):
         for name, (model, opt) in sides.items():
-            rates[name].append(batch_size * args.steps / train_steps(model, opt, batches[1:], args.amp))
+            rates[name].append(episodes_per_s(model, opt, batches[1:], args))
     ratios = [n / b for n, b in zip(rates["new"], rates["baseline"])]
     return {"episode_type": episode_type, "batch_size": batch_size, "amp": args.amp,
             "valid_target_tokens": int(batches[0].query_out_len.sum()),
@@ -100,7 +111,8 @@ def main() -> None:
     parser.add_argument("--baseline", default="HEAD", help="git revision whose trainer/model.py is the baseline")
     parser.add_argument("--cases", nargs="+", default=["ME:8", "scan_prim_augmentation:1", "scan_prim_augmentation:8"])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per timing")
+    parser.add_argument("--steps", type=int, default=6, help="distinct batches (optimizer steps) per pass")
+    parser.add_argument("--min_seconds", type=float, default=3.0, help="least time per timing")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--amp", choices=["none", "bf16"], default="none", help="CPU autocast for both sides")
     args = parser.parse_args()
@@ -109,7 +121,7 @@ def main() -> None:
         baseline = load_baseline(args.baseline, Path(tmp))
         cases = [bench_case(t, int(b), baseline, args, Path(tmp)) for t, b in (c.split(":") for c in args.cases)]
     print(json.dumps({"baseline": args.baseline, "threads": args.threads, "rounds": args.rounds,
-                      "steps": args.steps, "provenance": collect(), "cases": cases}, indent=1))
+                      "steps": args.steps, "min_seconds": args.min_seconds, "provenance": collect(), "cases": cases}, indent=1))
 
 
 if __name__ == "__main__":

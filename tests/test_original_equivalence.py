@@ -13,8 +13,9 @@ time.
    the gradients of every parameter, the greedy outputs and both attentions agree to float tolerance, in
    the full model and its three ablations.
 2. Queries of unequal length: the original's decoder attends over every step of the longest query, so a
-   shorter query also attends to its padded steps (their context vectors are tanh(W [0; m] + b), not 0),
-   while ours masks them. There the losses differ; the original's attention puts weight on padded steps;
+   shorter query also attends to its padded steps (in the full model their context vectors are
+   tanh(W [0; m] + b); without memory they are 0, which still takes a share of the softmax), while ours
+   masks them. There the losses differ; the original's attention puts weight on padded steps;
    and run one query per episode (no padding at all), the original gives each query exactly our loss.
    The README lists this under "Differences from the original".
 """
