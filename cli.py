@@ -96,7 +96,7 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
               help="Episode store directory, generated there if missing.  [default: shards/<episode_type>]")
 @click.option("--num_episodes", type=int, default=10000, show_default=True, help="Training episodes in all.")
 @click.option("--batch_size", type=int, default=None,
-              help="Episodes per optimizer step, all processes together; 1 = the paper.  [default: 8 for ME, 1 for the SCAN types]")
+              help="Episodes per optimizer step, all processes together; 1 = the paper.  [default: 1, the paper's protocol]")
 @click.option("--lr", type=float, default=None, help="Adam learning rate.  [default: 1e-3 (the paper's) at batch size 1, else 2e-3]")
 @click.option("--lr_decay_schedule", type=int, default=5000, show_default=True,
               help="Multiply the learning rate by 0.1 every this many episodes.")
@@ -207,7 +207,7 @@ def predict(commands: tuple[str, ...], **kwargs) -> None:
 @click.option("--threads", type=int, default=None,
               help="Threads for the whole grid, split over the jobs.  [default: all cores]")
 @click.option("--num_episodes", type=int, default=10000, show_default=True, help="Training episodes per run.")
-@click.option("--batch_size", type=int, default=None, help="Passed to train.  [default: train's, per experiment]")
+@click.option("--batch_size", type=int, default=None, help="Passed to train.  [default: train's, 1]")
 @click.option("--lr", type=float, default=None, help="Passed to train.  [default: train's]")
 @click.option("--lr_decay_schedule", type=int, default=None, help="Passed to train.  [default: train's]")
 @click.option("--emb_size", type=int, default=None, help="Passed to train.  [default: train's]")

@@ -115,7 +115,7 @@ def test_lr_decays_by_scheduler_without_resetting_adam(me_store, tmp_path):
 
 def test_default_lr_is_the_papers_for_one_episode_per_step():
     assert TrainConfig(batch_size=1).lr == 1e-3
-    assert TrainConfig().batch_size == 8 and TrainConfig().lr == 2e-3
+    assert TrainConfig().batch_size == 1 and TrainConfig().lr == 1e-3  # ME too: the paper's protocol
     assert TrainConfig(episode_type="scan_prim_permutation").batch_size == 1
     assert TrainConfig(episode_type="scan_length").lr == 1e-3
     assert TrainConfig(episode_type="scan_length", batch_size=4).lr == 2e-3
