@@ -37,12 +37,7 @@ ROOT = Path(__file__).parents[1]
 OFFICIAL_SCAN = ROOT.parent / "shared" / "scan"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def make_checkpoint(root: Path, episode_type: str, num_episodes: int, **kwargs) -> Path:

@@ -30,12 +30,7 @@ SUPPORT = "jump=I_JUMP,walk=I_WALK,run=I_RUN,look=I_LOOK"
 PAIRS = scan_test_pairs("addprim_jump")[::97]  # 80 commands of all lengths
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
