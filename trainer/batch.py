@@ -43,6 +43,10 @@ class EpisodeBatch:
         """The first n episodes."""
         return EpisodeBatch(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
 
+    def drop(self, n: int) -> "EpisodeBatch":
+        """All but the first n episodes."""
+        return EpisodeBatch(**{f.name: getattr(self, f.name)[n:] for f in fields(self)})
+
     def pin_memory(self) -> "EpisodeBatch":
         # DataLoader(pin_memory=True) calls this on custom batch types.
         return EpisodeBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})

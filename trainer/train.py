@@ -14,7 +14,7 @@ import json
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,9 +25,8 @@ from pipeline import provenance
 from pipeline import store as episode_store
 from pipeline.errors import UserError
 from pipeline.samplers import get_sampler
-from pipeline.shardio import check_writable_dir, write_atomically
+from pipeline.shardio import check_writable_dir, write_bytes_atomically
 from trainer import distributed
-from trainer.batch import EpisodeBatch
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import StreamConfig, Tokenizer, make_loader, read_records
 from trainer.evaluate import decode_records
@@ -375,11 +374,6 @@ def train_step(state: TrainState, loss_module: torch.nn.Module, batch, cfg: Trai
     return float(loss.detach())
 
 
-def drop_episodes(batch: EpisodeBatch, n: int) -> EpisodeBatch:
-    """All but the first n episodes."""
-    return EpisodeBatch(**{f.name: getattr(batch, f.name)[n:] for f in fields(batch)})
-
-
 def resumed_batches(loader, state: TrainState):
     """(keys, batch, offset in its loader batch) from where the state left off. The stream is a pure function
     of the seed, so skip what was trained; a batch that a run's last step cut short gives the rest first."""
@@ -392,7 +386,7 @@ def resumed_batches(loader, state: TrainState):
         if item is None:
             return
         keys, batch = item
-        yield keys[state.partial:], drop_episodes(batch, state.partial), state.partial
+        yield keys[state.partial:], batch.drop(state.partial), state.partial
     for keys, batch in batches:
         yield keys, batch, 0
 
@@ -638,7 +632,7 @@ class RunLog:
         rows = self.rows()
         kept = [r for r in rows if r["episodes"] <= episodes_done]
         if len(kept) < len(rows):
-            write_atomically(self.metrics_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+            write_bytes_atomically(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def record(self, state: TrainState, rate: float, loss: float, bar) -> None:
         row = {"episodes": state.episodes_done, "episodes_per_s": round(rate, 2), "loss": loss,
