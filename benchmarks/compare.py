@@ -4,7 +4,8 @@
                                  [--parts generation training add_jump flops tta] [--original PATH]
 
 Both sides run on the CPU (CUDA_VISIBLE_DEVICES= ) with the same thread settings (pipeline.threads: the
-same OMP_NUM_THREADS and GOMP_SPINCOUNT), one process at a time, the two sides alternating.
+same OMP_NUM_THREADS and GOMP_SPINCOUNT), one process at a time, the two sides alternating. With
+--device cuda both sides train on the GPU instead (training and tta; the other parts stay on the CPU).
 
 - training: steady-state episodes/s of the real commands, `train.py` of the original (run from its folder)
   and our `cli.py train`, for ME and scan_prim_augmentation. Each is run for N1 and N2 episodes and the
@@ -120,9 +121,11 @@ def ratio(numerator, denominator):
 
 # ---- running the two sides -----------------------------------------------------------------------------
 
-def child_env(threads_n: int) -> dict[str, str]:
-    """Both sides: the same thread settings, CPU only, unbuffered output (for time-to-accuracy lines)."""
-    return {**os.environ, **threads.thread_env(threads_n), "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+def child_env(threads_n: int, device: str = "cpu") -> dict[str, str]:
+    """Both sides: the same thread settings, unbuffered output (for time-to-accuracy lines), and the same
+    device: the original takes the GPU whenever CUDA is visible, so for the CPU it is hidden from both."""
+    hide_gpu = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
+    return {**os.environ, **threads.thread_env(threads_n), **hide_gpu, "PYTHONUNBUFFERED": "1"}
 
 
 def run_timed(argv: list[str], cwd: Path, env: dict, timeout: float) -> float:
@@ -144,9 +147,9 @@ def original_train_argv(original: Path, episode_type: str, episodes: int, dir_mo
 
 
 def our_train_argv(episode_type: str, episodes: int, store: Path, dir_model: Path, threads_n: int,
-                   extra: tuple[str, ...] = ()) -> list[str]:
+                   extra: tuple[str, ...] = (), device: str = "cpu") -> list[str]:
     return [sys.executable, str(ROOT / "cli.py"), "train", "--episode_type", episode_type, "--store", str(store),
-            "--num_episodes", str(episodes), "--dir_model", str(dir_model), "--no_progress", "--device", "cpu",
+            "--num_episodes", str(episodes), "--dir_model", str(dir_model), "--no_progress", "--device", device,
             "--threads", str(threads_n), *extra]
 
 
@@ -166,7 +169,7 @@ def our_variants(episode_type: str, args, cpu: dict) -> dict[str, tuple[str, ...
     if default_b != 1:
         variants["ours B=1"] = ("--batch_size", "1")
     if args.extras:
-        variants["ours default, --amp bf16"] = (("--amp", "bf16") if cpu["native_bf16"]
+        variants["ours default, --amp bf16"] = (("--amp", "bf16") if cpu["native_bf16"] or args.device == "cuda"
                                                 else "no native bf16 on this CPU (avx512_bf16 / amx_bf16)")
         variants["ours default, --compile"] = (("--compile",) if shutil.which("cc") or shutil.which("gcc")
                                                else "no C compiler for torch.compile's CPU backend")
@@ -182,7 +185,7 @@ def warm_up(args, env: dict) -> None:
 def training(episode_type: str, lengths: tuple[int, int], args, cpu: dict, tmp: Path) -> dict:
     """Runs of both lengths for the original and each of our variants, alternating; steady rates, ratios."""
     store = make_store(tmp / "train", episode_type, max(lengths))
-    env = child_env(args.threads)
+    env = child_env(args.threads, args.device)
     warm_up(args, env)
     variants = our_variants(episode_type, args, cpu)
     sides = {"original": None, **{name: extra for name, extra in variants.items() if not isinstance(extra, str)}}
@@ -192,7 +195,8 @@ def training(episode_type: str, lengths: tuple[int, int], args, cpu: dict, tmp: 
             for name in rotated(list(sides), repeat):  # the sides alternate; their order turns each repeat
                 workdir = Path(tempfile.mkdtemp(dir=tmp))
                 argv = (original_train_argv(args.original, episode_type, episodes, workdir) if name == "original"
-                        else our_train_argv(episode_type, episodes, store, workdir, args.threads, sides[name]))
+                        else our_train_argv(episode_type, episodes, store, workdir, args.threads, sides[name],
+                                           args.device))
                 cwd = args.original if name == "original" else ROOT
                 runs[name].append((episodes, round(run_timed(argv, cwd, env, args.timeout), 2)))
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -323,9 +327,9 @@ def time_to_threshold(argv: list[str], cwd: Path, env: dict, pattern: re.Pattern
 
 def time_to_accuracy(episode_type: str, args, tmp: Path) -> dict:
     threshold = TTA_THRESHOLDS.get(episode_type, 95.0)
-    env = child_env(args.threads)
+    env = child_env(args.threads, args.device)
     ours_argv = our_train_argv(episode_type, 10000, tmp / "tta" / "shards" / episode_type, tmp / "tta" / "ours",
-                               args.threads)  # a fresh store: its generation counts, as for a newcomer
+                               args.threads, device=args.device)  # a fresh store: its generation counts, as for a newcomer
     original_argv = original_train_argv(args.original, episode_type, 10000, tmp / "tta" / "original")
     original = time_to_threshold(original_argv, args.original, env, ORIGINAL_LINE, threshold, args.tta_timeout)
     ours = time_to_threshold(ours_argv, ROOT, env, OUR_LINE, threshold, args.tta_timeout)
@@ -348,6 +352,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="training runs of each length per side")
     parser.add_argument("--extras", action="store_true", help="also ours with --amp bf16 and with --compile")
     parser.add_argument("--jump_checkpoints", nargs=2, metavar=("OURS_PT", "ORIGINAL_TAR"))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both sides train (training and tta parts; the others stay on the CPU)")
     parser.add_argument("--original", type=Path, default=DEFAULT_ORIGINAL)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--tta_timeout", type=float, default=7200, help="seconds per time-to-accuracy run")
@@ -390,7 +396,10 @@ def main(argv=None) -> int:
     from pipeline.provenance import collect
     report = {"mode": "quick" if args.quick else "full" if args.full else "default", "cpu": read_cpu_info(),
               "threads": applied, "provenance": collect(), "original": str(args.original),
-              "load_average_before": load_average()}
+              "load_average_before": load_average(), "device": args.device}
+    if args.device == "cuda":
+        import torch
+        report["gpu"] = torch.cuda.get_device_name(0)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             run_parts(args, report, Path(tmp))

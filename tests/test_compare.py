@@ -125,3 +125,12 @@ def test_valid_token_flops_ignore_padding():
     alone = forward_flops(make_batch([small[0]], [small[1]]), cfg)
     together = forward_flops(make_batch([small[0], large[0]], [small[1], large[1]]), cfg)
     assert together[0] == alone[0] and together[1] > together[0]
+
+
+def test_both_sides_see_the_gpu_only_when_asked():
+    # The original takes the GPU whenever CUDA is visible: for a CPU comparison it must be hidden from both.
+    assert compare.child_env(1)["CUDA_VISIBLE_DEVICES"] == ""
+    on_gpu = compare.child_env(1, "cuda")
+    assert on_gpu.get("CUDA_VISIBLE_DEVICES") != "" and on_gpu["OMP_NUM_THREADS"] == "1"
+    argv = compare.our_train_argv("ME", 10, Path("s"), Path("d"), 1, device="cuda")
+    assert argv[argv.index("--device") + 1] == "cuda"
