@@ -34,7 +34,7 @@ def exact_cuda():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_cuda_gradients_match_cpu(name):
     # cuDNN's packed LSTM backward against our CPU recurrence's, on a batch padded with garbage.
-    model = make_model(dropout=0.0, **CONFIGS[name])
+    model = make_model(dropout=0.0, **CONFIGS[name]).train()  # cuDNN's RNN backward runs in train mode only
     batch = pad_with_garbage(batch_of(random_episodes(seed=21)), seed=3)
     cpu = grads_of(model, batch)
     gpu = grads_of(model.cuda(), batch.to("cuda"))
@@ -44,7 +44,7 @@ def test_cuda_gradients_match_cpu(name):
 
 
 def test_bf16_autocast_on_cuda_stays_near_fp32():
-    model = make_model(dropout=0.0).cuda()
+    model = make_model(dropout=0.0).cuda().train()
     batch = batch_of(random_episodes(seed=22)).to("cuda")
     fp32 = model.loss(batch).item()
     with torch.autocast("cuda", dtype=torch.bfloat16):
