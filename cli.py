@@ -109,6 +109,9 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
 @click.option("--disable_memory", is_flag=True, help="Ablation: plain seq2seq that ignores the support set.")
 @click.option("--disable_attention", is_flag=True, help="Ablation: decoder without attention.")
 @click.option("--disable_recon_loss", is_flag=True, help="Do not add the support items as queries.")
+@click.option("--attend_query_padding", is_flag=True,
+              help="As the original code: the decoder attention also covers the padded steps of an episode's "
+                   "shorter queries (see the README's differences).")
 @click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes per process.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -219,6 +222,7 @@ def predict(commands: tuple[str, ...], **kwargs) -> None:
 @click.option("--workers", type=int, default=None, help="Passed to train.  [default: train's]")
 @click.option("--val_every", type=int, default=None, help="Passed to train.  [default: train's]")
 @click.option("--checkpoint_every", type=int, default=None, help="Passed to train.  [default: train's]")
+@click.option("--attend_query_padding", is_flag=True, help="Passed to train (the original's padded attention).")
 @click.option("--num_val_episodes", type=int, default=5, show_default=True, help="Validation episodes per store.")
 def reproduce(experiments: str, seeds: str, variants: str, **kwargs) -> None:
     """Train and evaluate the paper's grid (experiment x variant x seed), then aggregate it into

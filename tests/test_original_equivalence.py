@@ -148,7 +148,8 @@ def vocab_rows(our_name: str):
 
 # ---- building both sides -------------------------------------------------------------------------------
 
-def build_pair(original, seed: int, disable_memory: bool = False, disable_attention: bool = False):
+def build_pair(original, seed: int, disable_memory: bool = False, disable_attention: bool = False,
+               attend_query_padding: bool = False):
     """The original's (encoder, decoder) with its own random init, and our model with those weights."""
     n_in, n_out = len(TOKENIZER.input_vocab), len(TOKENIZER.output_vocab)  # = the original's n_symbols
     torch.manual_seed(seed)
@@ -159,7 +160,8 @@ def build_pair(original, seed: int, disable_memory: bool = False, disable_attent
         for p in list(encoder.parameters()) + list(decoder.parameters()):
             p.normal_(0.0, INIT_STD)
     model = MetaSeq2Seq(ModelConfig(n_in, n_out, emb_size=E, nlayers=NLAYERS, dropout=0.0,
-                                    disable_memory=disable_memory, disable_attention=disable_attention))
+                                    disable_memory=disable_memory, disable_attention=disable_attention,
+                                    attend_query_padding=attend_query_padding))
     copy_original_weights(encoder, decoder, model)
     return encoder, decoder, model.eval()
 
@@ -230,6 +232,22 @@ def test_equal_length_queries_match_the_original(original, name):
     encoder, decoder, model = build_pair(original, seed=1, **CONFIGS[name])
     rng = random.Random(2)
     records = [random_episode(rng, ns, nq, in_len=lambda: 3) for ns, nq in EPISODE_SIZES]
+    assert_same_as_original(original, encoder, decoder, model, records)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_attend_query_padding_matches_the_original_on_unequal_lengths(original, name):
+    # The option that gives the decoder attention the original's padded steps, per episode, in a batch of
+    # episodes whose longest queries differ: the same loss, gradients, outputs and attention as the original.
+    encoder, decoder, model = build_pair(original, seed=5, attend_query_padding=True, **CONFIGS[name])
+    rng = random.Random(6)
+    records = [random_episode(rng, ns, nq, in_len=lambda: rng.randint(1, 5)) for ns, nq in EPISODE_SIZES]
+    longest = [max(len(it["input"].split()) for it in r["query"] + r["support"]) for r in records]
+    assert len(set(longest)) > 1 or min(longest) < 5
+    assert_same_as_original(original, encoder, decoder, model, records)
+
+
+def assert_same_as_original(original, encoder, decoder, model, records):
     batch = collate_episodes(records, TOKENIZER, support_as_queries=True)
 
     # Loss and gradients: ours averages episodes, so the original's per-episode gradients are averaged too.
@@ -255,12 +273,15 @@ def test_equal_length_queries_match_the_original(original, name):
         nq = len(predicted)
         if isinstance(mem_attn, torch.Tensor):                                  # (Tqi, nq, ns) -> (nq, Tqi, ns)
             ns = len(record["support"])
-            torch.testing.assert_close(decoded.memory_attention[b, :nq, :, :ns], mem_attn.transpose(0, 1),
+            width = mem_attn.shape[0]                           # the episode's longest query
+            torch.testing.assert_close(decoded.memory_attention[b, :nq, :width, :ns], mem_attn.transpose(0, 1),
                                        atol=1e-6, rtol=0)
         if dec_attn:                                          # MAX_LENGTH x (nq, Tqi)
             for q, n in enumerate(decoded.lengths[b, :nq].tolist()):
-                torch.testing.assert_close(decoded.decoder_attention[b, q, :n],
-                                           torch.stack([a[q] for a in dec_attn[:n]]), atol=1e-6, rtol=0)
+                theirs = torch.stack([a[q] for a in dec_attn[:n]])          # (n, the episode's longest query)
+                torch.testing.assert_close(decoded.decoder_attention[b, q, :n, :theirs.shape[1]], theirs,
+                                           atol=1e-6, rtol=0)
+                assert (decoded.decoder_attention[b, q, :n, theirs.shape[1]:] == 0).all()
 
 
 # ---- 2. unequal query lengths: where the two differ ------------------------------------------------------

@@ -37,6 +37,10 @@ class ModelConfig:
     dropout: float = 0.5
     disable_memory: bool = False
     disable_attention: bool = False
+    # The original code's decoder attention also covered the padded steps of the shorter queries of an episode
+    # (up to the episode's longest query), where c_t = tanh(W [0; mean of the support values] + b): with this
+    # on, ours does the same per episode, whatever else shares the batch. Off: padding masked (DESIGN.md).
+    attend_query_padding: bool = False
 
     def __post_init__(self):
         if min(self.input_vocab_size, self.output_vocab_size) < NUM_SPECIAL_TOKENS:
@@ -190,7 +194,7 @@ class MetaSeq2Seq(nn.Module):
         if self.cfg.disable_memory:
             packing = Packing.from_lengths(lengths.query_in, Tqi, device)
             steps, final = self.input_encoder(batch.query_in.reshape(B * nq, Tqi), packing)
-            return _Encoded(packing.unpack(steps), self._step_mask(q_len, Tqi), final, None)
+            return _Encoded(packing.unpack(steps), self._context_mask(batch, q_len), final, None)
 
         ns = batch.support_in.shape[1]
         # One call of the shared input encoder for the queries and the support inputs (fewer LSTM calls).
@@ -212,7 +216,16 @@ class MetaSeq2Seq(nn.Module):
         context = torch.tanh(self.memory_combine(torch.cat([q_steps, mem.view_as(q_steps)], -1)))
         last = (q_len - 1).view(-1, 1, 1).expand(-1, 1, context.shape[-1])
         init = context.gather(1, last).squeeze(1)                          # (N, E): last valid c_t
-        return _Encoded(context, self._step_mask(q_len, Tqi), init, mem_attn.view(B, nq, Tqi, ns))
+        return _Encoded(context, self._context_mask(batch, q_len), init, mem_attn.view(B, nq, Tqi, ns))
+
+    def _context_mask(self, batch: EpisodeBatch, q_len: torch.Tensor) -> torch.Tensor:
+        """(N, Tqi) the query steps the decoder attends over: each query's own, or with attend_query_padding
+        every step up to the longest valid query of its episode (the original's padded attention)."""
+        B, nq, Tqi = batch.query_in.shape
+        if not self.cfg.attend_query_padding:
+            return self._step_mask(q_len, Tqi)
+        longest = (batch.query_in_len * batch.query_mask).amax(1).clamp(min=1)   # (B,)
+        return self._step_mask(longest.repeat_interleave(nq), Tqi)
 
     @staticmethod
     def _step_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:

@@ -71,6 +71,7 @@ class TrainConfig:
     disable_memory: bool = False
     disable_attention: bool = False
     disable_recon_loss: bool = False
+    attend_query_padding: bool = False  # the original's decoder attention over padded query steps (model.py)
     workers: int = 1                      # DataLoader workers; loading is light next to the model
     device: str = "auto"
     seed: int = 0
@@ -107,7 +108,7 @@ class TrainConfig:
 # Settings that must match for --resume to continue the same run. num_episodes is not one: resuming with a
 # larger one extends a run, and the data order and lr schedule continue as in one longer run.
 RESUME_KEYS = ("episode_type", "batch_size", "lr", "lr_decay_schedule", "nlayers", "emb_size",
-               "dropout", "disable_memory", "disable_attention", "disable_recon_loss", "workers", "seed", "clip")
+               "dropout", "disable_memory", "disable_attention", "disable_recon_loss", "attend_query_padding", "workers", "seed", "clip")
 
 
 def with_store_episode_type(cfg: TrainConfig) -> TrainConfig:
@@ -253,7 +254,8 @@ def train_shards(manifest: dict, store: Path, cfg: TrainConfig, world_size: int)
 def model_config(cfg: TrainConfig, manifest: dict) -> ModelConfig:
     return ModelConfig(input_vocab_size=len(manifest["input_vocab"]), output_vocab_size=len(manifest["output_vocab"]),
                        emb_size=cfg.emb_size, nlayers=cfg.nlayers, dropout=cfg.dropout,
-                       disable_memory=cfg.disable_memory, disable_attention=cfg.disable_attention)
+                       disable_memory=cfg.disable_memory, disable_attention=cfg.disable_attention,
+                       attend_query_padding=cfg.attend_query_padding)
 
 
 class LossWrapper(torch.nn.Module):
