@@ -31,7 +31,7 @@ from pipeline.errors import UserError
 from pipeline.samplers import EPISODE_TYPES
 from pipeline.shardio import check_writable_dir, file_sha256, write_bytes_atomically
 from trainer.checkpoint import load_checkpoint
-from trainer.train import TrainConfig
+from trainer.train import LEGACY_SETTINGS, TrainConfig
 
 # The paper's ablations, as flags of `cli.py train`.
 VARIANT_FLAGS = {  # keys in the order of aggregate.VARIANTS
@@ -70,7 +70,7 @@ class ReproduceConfig:
     workers: int | None = None
     val_every: int | None = None
     checkpoint_every: int | None = None
-    attend_query_padding: bool = False  # the original's decoder attention over padded query steps
+    attend_query_padding: bool = False
     num_val_episodes: int = 5
 
     def __post_init__(self):
@@ -142,7 +142,7 @@ def run_state(cfg: ReproduceConfig, run: Run) -> RunState:
     ckpt = load_checkpoint(path)
     want, have = asdict(expected_config(cfg, run)), ckpt["train_config"]
     for key in RUN_KEYS:
-        if have.get(key, want[key]) != want[key]:
+        if have.get(key, LEGACY_SETTINGS.get(key, want[key])) != want[key]:
             raise UserError(f"{run.dir(cfg.out)} holds a run with {key}={have.get(key)!r}, this grid asks for "
                             f"{want[key]!r}: use another --out, or remove that folder")
     done = int(ckpt["episodes_done"])

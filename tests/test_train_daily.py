@@ -287,3 +287,16 @@ def test_train_help_shows_the_real_defaults(capsys):
     for param in cli.commands["train"].params:
         if param.name in fields and not param.is_flag:
             assert param.default == fields[param.name].default, param.name
+
+
+def test_a_checkpoint_from_before_attend_query_padding_resumes_as_masked(store, tmp_path):
+    run(store, tmp_path)
+    path = tmp_path / "net_ME.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["train_config"]["attend_query_padding"], ckpt["model_config"]["attend_query_padding"]
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match="attend_query_padding=False"):
+        run(store, tmp_path, num_episodes=96, resume=True, attend_query_padding=True)
+    run(store, tmp_path, num_episodes=96, resume=True)
+    resumed = load_checkpoint(path)
+    assert resumed["episodes_done"] == 96 and resumed["model_config"]["attend_query_padding"] is False

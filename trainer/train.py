@@ -44,6 +44,8 @@ PAPER_LR, BATCHED_LR = 1e-3, 2e-3
 DEFAULT_BATCH_SIZE = {}          # per episode type, where one ever differs from the paper's
 PAPER_BATCH_SIZE = 1
 DEFAULT_EPISODE_TYPE = "ME"      # when neither --episode_type nor --store is given
+# What a checkpoint written before a setting existed was trained with.
+LEGACY_SETTINGS = {"attend_query_padding": False}
 
 
 def default_batch_size(episode_type: str) -> int:
@@ -71,7 +73,9 @@ class TrainConfig:
     disable_memory: bool = False
     disable_attention: bool = False
     disable_recon_loss: bool = False
-    attend_query_padding: bool = False  # the original's decoder attention over padded query steps (model.py)
+    # The original's decoder attention over padded query steps (model.py). Off, as DESIGN.md says: on ME it
+    # did not change how often a seed reaches 100% (docs/results.md).
+    attend_query_padding: bool = False
     workers: int = 1                      # DataLoader workers; loading is light next to the model
     device: str = "auto"
     seed: int = 0
@@ -299,8 +303,9 @@ def restore(state: TrainState, cfg: TrainConfig, manifest_hash: str, world_size:
     ckpt = load_checkpoint(cfg.checkpoint_path)
     saved = ckpt["train_config"]
     for key in RESUME_KEYS:
-        if saved.get(key) != getattr(cfg, key):
-            raise UserError(f"cannot resume from {cfg.checkpoint_path}: it was trained with {key}={saved.get(key)!r}, "
+        trained_with = saved.get(key, LEGACY_SETTINGS.get(key))
+        if trained_with != getattr(cfg, key):
+            raise UserError(f"cannot resume from {cfg.checkpoint_path}: it was trained with {key}={trained_with!r}, "
                             f"this run asks for {getattr(cfg, key)!r}")
     position = ckpt["data_position"]
     if position["world_size"] != world_size:
