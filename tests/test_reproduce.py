@@ -161,4 +161,3 @@ def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
     episodes = [json.loads(line)["episodes"] for line in open(second.dir(tmp_path) / "net_ME.metrics.jsonl")]
     assert episodes == sorted(set(episodes)) and episodes[-1] == 1600  # increasing: nothing trained twice
     assert json.loads((second.dir(tmp_path) / "run.json").read_text())["status"] == "done"
-
