@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,16 @@ def read_run(out: Path, run) -> dict:
         results = json.loads(results_path.read_text())
         row["metrics"] = run_metrics(results)
         row["episodes"] = results["checkpoint"].get("episodes_done")
+        row["trained_on"] = trained_on(results["checkpoint"].get("provenance") or {})
     return row
+
+
+def trained_on(provenance: dict) -> str | None:
+    """The training device from a checkpoint's provenance: "cuda (NVIDIA H200)", or "cpu (AMD EPYC)"."""
+    device = provenance.get("device")
+    if device == "cpu" and provenance.get("cpu"):
+        return f"cpu ({provenance['cpu']})"
+    return device
 
 
 def summarize(values: list[float]) -> dict:
@@ -142,9 +152,18 @@ def format_stat(stat: dict) -> str:
     return f"{stat['mean']:.2f}{sd} (n={stat['n']})"
 
 
+def trained_on_line(rows: list[dict]) -> list[str]:
+    """Where the runs trained (the table may be aggregated elsewhere): [] when no run says."""
+    devices = Counter(row["trained_on"] for row in rows if row.get("trained_on"))
+    if not devices:
+        return []
+    counts = [f"{device} ({n} run{'s' if n != 1 else ''})" for device, n in devices.most_common()]
+    return [f"Trained on: {', '.join(counts)}"]
+
+
 def markdown_table(groups: list[dict], meta: dict) -> str:
     lines = [f"Machine: {meta['provenance']['cpu']} · torch {meta['provenance']['torch']} · "
-             f"commit {meta['provenance']['git_commit']}", "",
+             f"commit {meta['provenance']['git_commit']}", *trained_on_line(meta["runs"]), "",
              "Accuracy in %: mean ± sd over seeds (n seeds finished). Paper: Lake (2019), as widely cited.", "",
              "| experiment | variant | val generalization | val retrieval | SCAN test split | test accuracy | paper | "
              "train time per run |",

@@ -53,6 +53,7 @@ def test_a_tiny_grid_writes_every_file(tiny_grid):
     assert result.stdout.count("done (train") == 4  # a progress line per finished run
     table = (out / "results.md").read_text()
     assert "| ME | full |" in table and "| scan_around_right | full |" in table and "(n=2)" in table
+    assert "Trained on: cpu (" in table and "(4 runs)" in table  # where the runs trained, not only aggregated
 
 
 def test_the_seeds_differ_in_store_init_and_order(tiny_grid):
