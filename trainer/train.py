@@ -38,7 +38,8 @@ from trainer.precision import check_amp
 # generalization at episodes 3,000-3,500, while B=8 with lr 2e-3 sat near 12% until its lr decay and needed
 # 7,600 episodes. ME: B=8 with lr 2e-3 reached 100% on seed 0 at episode 4,000 but stayed on the loss plateau
 # through the lr decay on seeds 1 and 2 (15% and 11% at 10,000); B=1 left it on all three seeds before the
-# decay and reached 100% on seeds 1 and 2 (seed 0: about 70%). Neither recipe is reliable on ME yet (issue 7).
+# decay and reached 100% on seeds 1 and 2 (seed 0: about 70%). Neither recipe is reliable on ME yet (issue 7),
+# nor are the original's padded attention (94% over 3 seeds) or no lr decay (seed 0: 69%): docs/results.md.
 # Other batch sizes are for experiments: they get lr 2e-3 unless --lr says otherwise.
 PAPER_LR, BATCHED_LR = 1e-3, 2e-3
 DEFAULT_BATCH_SIZE = {}          # per episode type, where one ever differs from the paper's
