@@ -112,6 +112,8 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
 @click.option("--attend_query_padding", is_flag=True,
               help="As the original code: the decoder attention also covers the padded steps of an episode's "
                    "shorter queries (default: masked, as DESIGN.md says).")
+@click.option("--reset_adam_at_decay", is_flag=True,
+              help="As the original code: each lr decay starts Adam afresh (its moment estimates are reset).")
 @click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes per process.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -223,6 +225,7 @@ def predict(commands: tuple[str, ...], **kwargs) -> None:
 @click.option("--val_every", type=int, default=None, help="Passed to train.  [default: train's]")
 @click.option("--checkpoint_every", type=int, default=None, help="Passed to train.  [default: train's]")
 @click.option("--attend_query_padding", is_flag=True, help="Passed to train (the original's padded attention).")
+@click.option("--reset_adam_at_decay", is_flag=True, help="Passed to train (the original's Adam reset at a decay).")
 @click.option("--num_val_episodes", type=int, default=5, show_default=True, help="Validation episodes per store.")
 def reproduce(experiments: str, seeds: str, variants: str, **kwargs) -> None:
     """Train and evaluate the paper's grid (experiment x variant x seed), then aggregate it into

@@ -42,11 +42,12 @@ VARIANT_FLAGS = {  # keys in the order of aggregate.VARIANTS
 }
 # Training settings that make two runs the same run; a checkpoint that differs in one of them is another run.
 RUN_KEYS = ("episode_type", "batch_size", "lr", "lr_decay_schedule", "nlayers", "emb_size", "dropout",
-            "disable_memory", "disable_attention", "disable_recon_loss", "attend_query_padding", "seed", "workers",
-            "amp")
+            "disable_memory", "disable_attention", "disable_recon_loss", "attend_query_padding", "reset_adam_at_decay",
+            "seed", "workers", "amp")
 # `cli.py train` flags a grid passes through when given (None: train's own default).
 PASS_THROUGH = ("num_episodes", "batch_size", "lr", "lr_decay_schedule", "nlayers", "emb_size", "dropout",
-                "amp", "device", "workers", "val_every", "checkpoint_every", "attend_query_padding")
+                "amp", "device", "workers", "val_every", "checkpoint_every", "attend_query_padding",
+                "reset_adam_at_decay")
 EXIT_INTERRUPTED = 130
 
 
@@ -71,6 +72,7 @@ class ReproduceConfig:
     val_every: int | None = None
     checkpoint_every: int | None = None
     attend_query_padding: bool = False
+    reset_adam_at_decay: bool = False
     num_val_episodes: int = 5
 
     def __post_init__(self):

@@ -300,3 +300,13 @@ def test_a_checkpoint_from_before_attend_query_padding_resumes_as_masked(store, 
     run(store, tmp_path, num_episodes=96, resume=True)
     resumed = load_checkpoint(path)
     assert resumed["episodes_done"] == 96 and resumed["model_config"]["attend_query_padding"] is False
+
+
+def test_reset_adam_at_decay_starts_adam_again_at_each_decay(store, tmp_path):
+    # 5 steps of 8 episodes, decay at 24: Adam's step count runs on through the decay, or restarts there.
+    for reset in (False, True):
+        run(store, tmp_path / str(reset), num_episodes=40, lr_decay_schedule=24, reset_adam_at_decay=reset)
+        ckpt = load_checkpoint(tmp_path / str(reset) / "net_ME.pt")
+        steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
+        assert steps == ({2} if reset else {5})
+        assert ckpt["scheduler"]["_last_lr"][0] == pytest.approx(ckpt["train_config"]["lr"] * 0.1)

@@ -46,7 +46,7 @@ DEFAULT_BATCH_SIZE = {}          # per episode type, where one ever differs from
 PAPER_BATCH_SIZE = 1
 DEFAULT_EPISODE_TYPE = "ME"      # when neither --episode_type nor --store is given
 # What a checkpoint written before a setting existed was trained with.
-LEGACY_SETTINGS = {"attend_query_padding": False}
+LEGACY_SETTINGS = {"attend_query_padding": False, "reset_adam_at_decay": False}
 
 
 def default_batch_size(episode_type: str) -> int:
@@ -77,6 +77,7 @@ class TrainConfig:
     # The original's decoder attention over padded query steps (model.py). Off, as DESIGN.md says: on ME it
     # did not change how often a seed reaches 100% (docs/results.md).
     attend_query_padding: bool = False
+    reset_adam_at_decay: bool = False   # as the original, which rebuilt Adam at each decay: fresh moments
     workers: int = 1                      # DataLoader workers; loading is light next to the model
     device: str = "auto"
     seed: int = 0
@@ -113,7 +114,8 @@ class TrainConfig:
 # Settings that must match for --resume to continue the same run. num_episodes is not one: resuming with a
 # larger one extends a run, and the data order and lr schedule continue as in one longer run.
 RESUME_KEYS = ("episode_type", "batch_size", "lr", "lr_decay_schedule", "nlayers", "emb_size",
-               "dropout", "disable_memory", "disable_attention", "disable_recon_loss", "attend_query_padding", "workers", "seed", "clip")
+               "dropout", "disable_memory", "disable_attention", "disable_recon_loss", "attend_query_padding", "reset_adam_at_decay", "workers", "seed",
+               "clip")
 
 
 def with_store_episode_type(cfg: TrainConfig) -> TrainConfig:
@@ -376,8 +378,11 @@ def train_step(state: TrainState, loss_module: torch.nn.Module, batch, cfg: Trai
     loss.backward()
     torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip)
     state.optimizer.step()
+    decays_before = state.episodes_done // cfg.lr_decay_schedule
     state.episodes_done += batch.num_episodes if episodes is None else episodes
     state.steps += 1
+    if cfg.reset_adam_at_decay and state.episodes_done // cfg.lr_decay_schedule > decays_before:
+        state.optimizer.state.clear()  # Adam starts again: its moments and bias correction, at the new lr
     state.scheduler.step()  # after counting the episodes: the lr follows the episodes seen
     return float(loss.detach())
 
