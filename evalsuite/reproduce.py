@@ -144,8 +144,9 @@ def run_state(cfg: ReproduceConfig, run: Run) -> RunState:
     ckpt = load_checkpoint(path)
     want, have = asdict(expected_config(cfg, run)), ckpt["train_config"]
     for key in RUN_KEYS:
-        if have.get(key, LEGACY_SETTINGS.get(key, want[key])) != want[key]:
-            raise UserError(f"{run.dir(cfg.out)} holds a run with {key}={have.get(key)!r}, this grid asks for "
+        trained_with = have.get(key, LEGACY_SETTINGS.get(key, want[key]))
+        if trained_with != want[key]:
+            raise UserError(f"{run.dir(cfg.out)} holds a run with {key}={trained_with!r}, this grid asks for "
                             f"{want[key]!r}: use another --out, or remove that folder")
     done = int(ckpt["episodes_done"])
     if done > cfg.num_episodes:

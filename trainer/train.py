@@ -114,8 +114,8 @@ class TrainConfig:
 # Settings that must match for --resume to continue the same run. num_episodes is not one: resuming with a
 # larger one extends a run, and the data order and lr schedule continue as in one longer run.
 RESUME_KEYS = ("episode_type", "batch_size", "lr", "lr_decay_schedule", "nlayers", "emb_size",
-               "dropout", "disable_memory", "disable_attention", "disable_recon_loss", "attend_query_padding", "reset_adam_at_decay", "workers", "seed",
-               "clip")
+               "dropout", "disable_memory", "disable_attention", "disable_recon_loss", "attend_query_padding",
+               "reset_adam_at_decay", "workers", "seed", "clip")
 
 
 def with_store_episode_type(cfg: TrainConfig) -> TrainConfig:
