@@ -29,6 +29,7 @@ from evalsuite.report import RESULTS_NAME
 from pipeline import store as episode_store
 from pipeline.errors import UserError
 from pipeline.samplers import EPISODE_TYPES
+from pipeline.threads import usable_cores
 from pipeline.shardio import check_writable_dir, file_sha256, write_bytes_atomically
 from trainer.checkpoint import load_checkpoint
 from trainer.train import LEGACY_SETTINGS, TrainConfig
@@ -79,8 +80,11 @@ class ReproduceConfig:
         check_grid(self)
 
     @property
-    def threads_per_job(self) -> int:
-        return max(1, (self.threads or os.cpu_count() or 1) // self.jobs)
+    def threads_per_job(self) -> int | None:
+        """None (one job, no --threads): the job's own adaptive thread policy decides, and follows the load."""
+        if self.threads is None and self.jobs == 1:
+            return None
+        return max(1, (self.threads or usable_cores()) // self.jobs)
 
     def train_flags(self) -> dict:
         return {name: getattr(self, name) for name in PASS_THROUGH if getattr(self, name) is not None}
@@ -208,7 +212,7 @@ def train_command(cfg: ReproduceConfig, run: Run, resume: bool) -> list[str]:
              "seed": run.seed, "dir_model": str(run.dir(cfg.out)), "threads": cfg.threads_per_job,
              **VARIANT_FLAGS[run.variant], **cfg.train_flags(), "no_generate": True, "no_progress": True,
              "resume": resume}
-    return [sys.executable, "-m", "cli", "train", *cli_args(flags)]
+    return [sys.executable, "-m", "cli", "train", *cli_args({k: v for k, v in flags.items() if v is not None})]
 
 
 def eval_command(cfg: ReproduceConfig, run: Run) -> list[str]:

@@ -6,11 +6,17 @@ Two settings, both read by the OpenMP runtime when torch loads, so `apply()` mus
 - threads: `--threads N`, else $OMP_NUM_THREADS, else every core this process may use (CPU affinity and a
   cgroup CPU quota both count). Exported as OMP_NUM_THREADS and MKL_NUM_THREADS, so child processes (the
   DataLoader workers, and the training jobs that `reproduce` starts with their own --threads) inherit it.
-- waiting: idle OpenMP threads spin GOMP_SPINCOUNT=1000 rounds before they sleep, not libgomp's 300,000
-  (libgomp's own choice when threads outnumber cores). On a shared CPU the long spin takes the cores from the
-  threads doing the work: ME training beside one busy process ran 0.8 episodes/s with it and 16 without it
-  (issue 8; docs/benchmarks.md has the measurements, from benchmarks/threads.py). Left alone when the user
-  sets GOMP_SPINCOUNT or OMP_WAIT_POLICY.
+- waiting: idle OpenMP threads spin GOMP_SPINCOUNT=1000 rounds before they sleep, not libgomp's 300,000.
+  On a shared CPU the long spin takes the cores from the threads doing the work: ME training beside one busy
+  process ran 0.8 episodes/s with it and 16 without it (issue 8; docs/benchmarks.md has the measurements,
+  from benchmarks/threads.py). Left alone when the user sets GOMP_SPINCOUNT or OMP_WAIT_POLICY.
+
+When the user sets none of these, the policy adapts to the load (`adaptive`): it samples /proc/stat for a
+quarter of a second and counts the cores that other processes keep busy. On a quiet machine it takes every
+core with libgomp's long spin (the fastest setting there: it keeps the second thread hot between the many
+small LSTM-step products); beside busy processes it takes the cores they leave free, at least one, with the
+short spin (the fastest setting there). `LoadFollower` keeps that choice up to date during a long command
+by changing torch's thread count (the wait setting is fixed once torch has loaded).
 
 This module never imports torch: the pipeline stage does not need it, and importing it here would be too
 early for the settings above.
@@ -19,12 +25,18 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 SPIN_VAR, WAIT_POLICY_VAR = "GOMP_SPINCOUNT", "OMP_WAIT_POLICY"
 SHORT_SPINCOUNT = "1000"
+LONG_SPINCOUNT = "300000"   # libgomp's own default; exported, so child processes keep the choice
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+PROC_STAT = Path("/proc/stat")
+LOAD_SAMPLE_SECONDS = 0.25
+BUSY_CORE = 0.5             # other processes using at least half a core take that core
 
 _applied: dict = {}
 
@@ -66,9 +78,22 @@ def resolve_threads(threads: int | None, environ=os.environ) -> int:
     return usable_cores()
 
 
-def thread_env(threads: int | None = None, environ=os.environ) -> dict[str, str]:
+def is_adaptive(threads: int | None, environ=os.environ) -> bool:
+    """True when neither --threads nor any OMP variable the policy sets was given: the load decides."""
+    given = environ.get("OMP_NUM_THREADS", "").strip()
+    return (threads is None and not (given.isdigit() and int(given) >= 1)
+            and SPIN_VAR not in environ and WAIT_POLICY_VAR not in environ)
+
+
+def thread_env(threads: int | None = None, environ=os.environ, others_busy: float = 0.0) -> dict[str, str]:
     """The environment variables that carry the policy: for this process before torch loads, or a child's
-    environment (e.g. the original code, run with our settings by benchmarks/compare.py)."""
+    environment (e.g. the original code, run with our settings by benchmarks/compare.py). `others_busy`, the
+    cores other processes keep busy, counts only for the adaptive policy."""
+    if is_adaptive(threads, environ):
+        cores = usable_cores()
+        n = free_cores(cores, others_busy)
+        spin = LONG_SPINCOUNT if others_busy < BUSY_CORE else SHORT_SPINCOUNT
+        return {**{name: str(n) for name in THREAD_VARS}, SPIN_VAR: spin}
     n = str(resolve_threads(threads, environ))
     env = {name: n for name in THREAD_VARS}
     if WAIT_POLICY_VAR not in environ:
@@ -78,18 +103,112 @@ def thread_env(threads: int | None = None, environ=os.environ) -> dict[str, str]
 
 def apply(threads: int | None = None) -> dict:
     """Set the policy for this process (and its children); returns what `applied()` returns."""
-    env = thread_env(threads)
+    adaptive = is_adaptive(threads)
+    others = others_busy_cores(LOAD_SAMPLE_SECONDS) if adaptive else None
+    env = thread_env(threads, others_busy=others or 0.0)
     os.environ.update(env)
     torch = sys.modules.get("torch")
     if torch is not None:  # too late for the wait policy, not for the thread count
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     _applied.clear()
     _applied.update(threads=int(env["OMP_NUM_THREADS"]), spincount=os.environ.get(SPIN_VAR),
-                    wait_policy=os.environ.get(WAIT_POLICY_VAR), before_torch=torch is None)
+                    wait_policy=os.environ.get(WAIT_POLICY_VAR), before_torch=torch is None,
+                    adaptive=adaptive, others_busy=None if others is None else round(others, 2))
     return applied()
 
 
 def applied() -> dict:
-    """What the last apply() set, for start summaries and reports: threads, spincount, wait_policy and
-    before_torch (False: torch was loaded first, so the wait setting did not take effect). {} if none."""
+    """What the last apply() set, for start summaries and reports: threads, spincount, wait_policy,
+    before_torch (False: torch was loaded first, so the wait setting did not take effect), adaptive and
+    others_busy (the cores other processes kept busy when it was measured). {} if none."""
     return dict(_applied)
+
+
+# ---- the load of the other processes -----------------------------------------------------------------------
+
+def busy_and_total_ticks(stat_text: str, cpus: set[int]) -> tuple[int, int]:
+    """Clock ticks summed over `cpus` from /proc/stat's per-CPU lines: (busy, total); idle and iowait are
+    not busy."""
+    busy = total = 0
+    for line in stat_text.splitlines():
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+            continue
+        ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+        total += sum(ticks)
+        busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy, total
+
+
+def _cpus() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:
+        return set(range(os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    busy_ticks: int         # over this process's CPUs, every process
+    own_seconds: float      # this process's CPU time, all its threads
+    wall: float
+
+
+def load_sample(cpus: set[int]) -> LoadSample | None:
+    """None where /proc/stat cannot be read (not Linux): the policy then assumes a quiet machine."""
+    try:
+        busy, _ = busy_and_total_ticks(PROC_STAT.read_text(), cpus)
+    except OSError:
+        return None
+    return LoadSample(busy, time.process_time(), time.monotonic())
+
+
+def others_between(first: LoadSample, second: LoadSample, cores: int) -> float:
+    """Cores kept busy by every process but this one between two samples (0 to `cores`)."""
+    wall = second.wall - first.wall
+    if wall <= 0:
+        return 0.0
+    busy = (second.busy_ticks - first.busy_ticks) / os.sysconf("SC_CLK_TCK")
+    return min(float(cores), max(0.0, (busy - (second.own_seconds - first.own_seconds)) / wall))
+
+
+def others_busy_cores(seconds: float) -> float | None:
+    """Cores other processes keep busy, measured over `seconds` (this process sleeps meanwhile)."""
+    cpus = _cpus()
+    first = load_sample(cpus)
+    time.sleep(seconds)
+    second = load_sample(cpus)
+    return None if first is None or second is None else others_between(first, second, len(cpus))
+
+
+def free_cores(cores: int, others_busy: float) -> int:
+    """The cores left to this process: every one that others keep less than half busy, and at least one."""
+    return max(1, cores - int(others_busy + BUSY_CORE))
+
+
+class LoadFollower:
+    """Keeps an adaptive policy adapted during a long command: at most every `every` seconds, `poll()` sets
+    the threads to the cores the other processes left free since the last poll. Does nothing when the user
+    fixed the threads (--threads, OMP_NUM_THREADS) or the wait policy."""
+
+    def __init__(self, set_threads, every: float = 10.0):
+        self.set_threads, self.every = set_threads, every
+        self.active = bool(_applied.get("adaptive"))
+        self.cores, self.cpus = usable_cores(), _cpus()
+        self.threads = _applied.get("threads", self.cores)
+        self.last = load_sample(self.cpus) if self.active else None
+
+    def poll(self) -> int | None:
+        """The new thread count when it changed, else None."""
+        if self.last is None or time.monotonic() - self.last.wall < self.every:
+            return None
+        now = load_sample(self.cpus)
+        if now is None:
+            return None
+        wanted = free_cores(self.cores, others_between(self.last, now, len(self.cpus)))
+        self.last = now
+        if wanted == self.threads:
+            return None
+        self.threads = wanted
+        self.set_threads(wanted)
+        return wanted

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def test_threads_flag_reaches_torch_before_it_loads(command, tmp_path):
     assert result["code"] == 1  # the deliberate failure, after the policy
     assert result["torch_threads"] == 1
     assert result["applied"] == {"threads": 1, "spincount": threads.SHORT_SPINCOUNT, "wait_policy": None,
-                                 "before_torch": True}
+                                 "before_torch": True, "adaptive": False, "others_busy": None}
     assert result["GOMP_SPINCOUNT"] == threads.SHORT_SPINCOUNT
 
 
@@ -90,3 +91,88 @@ def test_cgroup_quota():
     assert threads.cgroup_cpu_limit("50000 100000") == 1   # half a CPU still gets one thread
     assert threads.cgroup_cpu_limit("garbage") is None
     assert 1 <= threads.usable_cores() <= (os.cpu_count() or 1)
+
+
+# ---- the adaptive policy -------------------------------------------------------------------------------------
+
+STAT = """cpu  300 0 100 600 0 0 0 0 0 0
+cpu0 100 0 50 300 0 0 0 0 0 0
+cpu1 200 0 50 300 0 0 0 0 0 0
+intr 12345
+"""
+
+
+def test_busy_ticks_count_only_our_cpus():
+    assert threads.busy_and_total_ticks(STAT, {0, 1}) == (400, 1000)
+    assert threads.busy_and_total_ticks(STAT, {1}) == (250, 550)  # idle (and iowait) are not busy
+    assert threads.busy_and_total_ticks(STAT, {7}) == (0, 0)
+
+
+def test_free_cores_and_the_adaptive_env():
+    assert [threads.free_cores(2, busy) for busy in (0.0, 0.4, 0.6, 1.0, 1.6, 2.0)] == [2, 2, 1, 1, 1, 1]
+    cores = threads.usable_cores()
+    quiet = threads.thread_env(None, environ={}, others_busy=0.0)
+    assert quiet == {"OMP_NUM_THREADS": str(cores), "MKL_NUM_THREADS": str(cores), "GOMP_SPINCOUNT": "300000"}
+    if cores > 1:
+        busy = threads.thread_env(None, environ={}, others_busy=1.0)
+        assert busy == {"OMP_NUM_THREADS": str(cores - 1), "MKL_NUM_THREADS": str(cores - 1),
+                        "GOMP_SPINCOUNT": threads.SHORT_SPINCOUNT}
+    # anything the user set turns the adaptation off: the load is ignored
+    for environ in ({"OMP_NUM_THREADS": "1"}, {"GOMP_SPINCOUNT": "5"}, {"OMP_WAIT_POLICY": "passive"}):
+        assert not threads.is_adaptive(None, environ)
+        assert threads.thread_env(None, environ=environ, others_busy=0.0).get("GOMP_SPINCOUNT") != "300000"
+    assert not threads.is_adaptive(2, {})
+
+
+def busy_loop(seconds: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", f"import time\nend = time.time() + {seconds}\n"
+                             "while time.time() < end: pass"])
+
+
+def test_others_busy_sees_a_busy_process_and_not_this_one():
+    own = threads.others_busy_cores(0.5)  # this process sleeps; whatever else runs on the machine counts
+    spinner = busy_loop(30)
+    try:
+        time.sleep(0.3)
+        with_spinner = threads.others_busy_cores(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert with_spinner >= 0.6, with_spinner                     # the busy loop takes (most of) a core
+    assert with_spinner >= min(own + 0.5, len(threads._cpus())) - 0.4
+
+
+def test_load_follower_gives_up_a_core_and_takes_it_back(monkeypatch):
+    monkeypatch.setattr(threads, "_applied", {"adaptive": True, "threads": 2})
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "_cpus", lambda: {0, 1})
+    tick = os.sysconf("SC_CLK_TCK")
+    samples = iter([threads.LoadSample(0, 0.0, 0.0),              # the follower starts
+                    threads.LoadSample(18 * tick, 8.0, 10.0),     # 10 s: 18 busy core-seconds, 8 ours: 1 other core
+                    threads.LoadSample(27 * tick, 17.0, 20.0)])   # 10 s: 9 busy, all ours: alone again
+    monkeypatch.setattr(threads, "load_sample", lambda cpus: next(samples))
+    clock = iter([10.0, 20.0, 25.0])  # the third poll comes 5 s after the second: too soon to look
+    monkeypatch.setattr(threads.time, "monotonic", lambda: next(clock))
+    calls = []
+    follower = threads.LoadFollower(calls.append, every=10.0)
+    assert follower.poll() == 1 and follower.poll() == 2 and follower.poll() is None
+    assert calls == [1, 2]
+    monkeypatch.setattr(threads, "_applied", {"adaptive": False, "threads": 2})
+    assert threads.LoadFollower(calls.append).poll() is None  # the user fixed the threads: never changed
+
+
+def test_adaptive_policy_in_a_fresh_process(tmp_path):
+    """No thread variable set: beside a busy process, train takes the cores it leaves (with the short spin)."""
+    cores = threads.usable_cores()
+    spinners = [busy_loop(60) for _ in range(cores)]  # every core busy: one thread is left
+    try:
+        time.sleep(0.3)
+        result = probe(FAILING_FAST["train"], {}, tmp_path)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert result["applied"]["adaptive"] is True
+    assert result["applied"]["others_busy"] >= cores - 0.6
+    assert result["torch_threads"] == 1 == result["applied"]["threads"]
+    assert result["GOMP_SPINCOUNT"] == threads.SHORT_SPINCOUNT

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from evalsuite.metrics import score_episodes
-from pipeline import provenance
+from pipeline import provenance, threads
 from pipeline import store as episode_store
 from pipeline.errors import UserError
 from pipeline.samplers import get_sampler
@@ -526,6 +526,14 @@ def finished_already(state: TrainState, session: Session) -> dict:
             "metrics": str(metrics), "is_main": session.ctx.is_main}
 
 
+def thread_summary() -> str:
+    policy = threads.applied()
+    text = f"{torch.get_num_threads()}, GOMP_SPINCOUNT={policy.get('spincount')}"
+    if policy.get("adaptive"):
+        text += f" (adaptive: other processes kept {policy['others_busy']} cores busy; followed every 10 s)"
+    return text
+
+
 def summary(state: TrainState, session: Session, run: "RunLog") -> str:
     """The start-of-run block: what runs where, on what, and where its results go."""
     cfg, ctx = session.cfg, session.ctx
@@ -533,7 +541,7 @@ def summary(state: TrainState, session: Session, run: "RunLog") -> str:
     rows = [
         ("device", f"{session.provenance['device']}, {ctx.world_size} process(es)"
                    + (", bf16 autocast" if cfg.amp == "bf16" else "")),
-        ("threads", str(torch.get_num_threads())),
+        ("threads", thread_summary()),
         ("episode type", cfg.episode_type),
         ("store", f"{cfg.store_path} (manifest sha256 {session.manifest_hash})"),
         ("batch size", f"{cfg.batch_size} episodes per step, {cfg.workers} loader worker(s) per process"),
@@ -574,6 +582,7 @@ def _steps(state: TrainState, session: Session, loss_module, batches, validation
     by all processes); returns (stopped by request, episode count last saved)."""
     cfg, ctx, device = session.cfg, session.ctx, session.device
     losses, window_start, window_episodes = [], time.perf_counter(), 0
+    follower = threads.LoadFollower(torch.set_num_threads)  # a no-op unless the thread policy is adaptive
     while state.episodes_done < target:
         keys, batch, offset = next(batches, (None, None, 0))
         total, smallest, stopping = distributed.step_totals(ctx, len(keys) if keys else 0, stop.requested, device)
@@ -585,6 +594,7 @@ def _steps(state: TrainState, session: Session, loss_module, batches, validation
         before = state.episodes_done
         losses.append(train_step(state, loss_module, batch.to(device, non_blocking=True), cfg, episodes=used))
         advance_position(state, offset, used, len(keys), ctx.active)
+        follower.poll()
         window_episodes += used
         bar.update(used)
         if crossed(before, state.episodes_done, cfg.val_every) or state.episodes_done >= target:
@@ -649,7 +659,8 @@ class RunLog:
 
     def record(self, state: TrainState, rate: float, loss: float, bar) -> None:
         row = {"episodes": state.episodes_done, "episodes_per_s": round(rate, 2), "loss": loss,
-               "lr": state.optimizer.param_groups[0]["lr"], **{f"val_{k}": v for k, v in state.last_val.items()}}
+               "lr": state.optimizer.param_groups[0]["lr"], "threads": torch.get_num_threads(),
+               **{f"val_{k}": v for k, v in state.last_val.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         message = log_line(state, rate, loss)
