@@ -28,8 +28,8 @@ def _apply_thread_policy(ctx: click.Context, param: click.Parameter, value: int 
 # option is not given, so the policy (pipeline/threads.py) is set once, before torch loads.
 threads_option = click.option(
     "--threads", type=click.IntRange(min=1), default=None, expose_value=False, callback=_apply_thread_policy,
-    help="CPU threads for torch.  [default: $OMP_NUM_THREADS, else all usable cores]  Idle threads spin "
-         "briefly (GOMP_SPINCOUNT=1000) unless GOMP_SPINCOUNT or OMP_WAIT_POLICY is set.")
+    help="CPU threads for torch, fixed.  [default: $OMP_NUM_THREADS, else adapted to the load: the cores "
+         "other processes leave free, followed during training]")
 
 
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -210,7 +210,8 @@ def predict(commands: tuple[str, ...], **kwargs) -> None:
               help="Runs at the same time, as separate processes; the threads are split between them.")
 @click.option("--out", default="runs", show_default=True, help="Runs go to OUT/<experiment>/<variant>/seed<k>/.")
 @click.option("--threads", type=int, default=None,
-              help="Threads for the whole grid, split over the jobs.  [default: all cores]")
+              help="Threads for the whole grid, split over the jobs.  [default: all cores; one job alone adapts "
+                   "to the load]")
 @click.option("--num_episodes", type=int, default=10000, show_default=True, help="Training episodes per run.")
 @click.option("--batch_size", type=int, default=None, help="Passed to train.  [default: train's, 1]")
 @click.option("--lr", type=float, default=None, help="Passed to train.  [default: train's]")

@@ -14,8 +14,13 @@ Conditions:
               stopped after it; it also ends by itself).
   busy_niced  the same, with the measured process at nice 15: a polite job on a shared machine (issue 8's
               case: 0.8 episodes/s with libgomp's default waiting, 20.8 with one thread).
-Settings: "default" (what pipeline.threads picks when no OMP_* variable is set), one thread, and all usable
-cores with libgomp's own spinning wait (GOMP_SPINCOUNT=300000) or with OMP_WAIT_POLICY=passive.
+  busy_later  the competing process starts after the measured one has started and warmed up on a quiet
+              machine, just before the timed steps: the adaptive default chose the quiet setting and must
+              follow the load (pipeline.threads.LoadFollower, polled after every step as train does).
+Settings: "default" (what pipeline.threads picks when no OMP_* variable is set: the adaptive policy, which
+measures the other processes' load as it starts; its choice is in the JSON), one thread, and all usable
+cores with the short spin (GOMP_SPINCOUNT=1000, the fixed policy before the adaptive one), with libgomp's own
+spinning wait (GOMP_SPINCOUNT=300000) or with OMP_WAIT_POLICY=passive.
 The summary gives, per type and condition, the best setting and how many times slower the default is than
 it; the target is at most 1.5x everywhere ("ok").
 """
@@ -48,6 +53,7 @@ def settings(cores: int) -> dict[str, dict[str, str]]:
     """Setting name -> the OMP variables the measured process starts with (its own apply() adds the rest)."""
     n = str(cores)
     named = {"default": {}, "threads=1": {"OMP_NUM_THREADS": "1"},
+             f"threads={n} spin=1000": {"OMP_NUM_THREADS": n, threads.SPIN_VAR: threads.SHORT_SPINCOUNT},
              f"threads={n} spin=300000": {"OMP_NUM_THREADS": n, threads.SPIN_VAR: "300000"},
              f"threads={n} passive": {"OMP_NUM_THREADS": n, threads.WAIT_POLICY_VAR: "passive"}}
     if cores > 2:
@@ -61,12 +67,13 @@ def child_env(setting: dict[str, str]) -> dict[str, str]:
 
 
 def measure(episode_type: str, store: Path, setting: dict[str, str], seconds: float, niced: bool,
-            busy: bool) -> dict:
+            busy: bool | str) -> dict:
+    """busy: False, True (a competing job throughout), or "later" (the child starts it before its timed steps)."""
     cmd = [sys.executable, __file__, "--child", "--types", episode_type, "--store", str(store),
-           "--seconds", str(seconds)]
+           "--seconds", str(seconds), *(["--busy_later"] if busy == "later" else [])]
     timeout = 10 * seconds + 120  # the collapsed cases are slow, but never unbounded
     preexec = (lambda: os.nice(NICE_FOR_NICED)) if niced else None
-    with competing_job(timeout + 10) if busy else contextlib.nullcontext():
+    with competing_job(timeout + 10) if busy is True else contextlib.nullcontext():
         try:
             done = subprocess.run(cmd, env=child_env(setting), capture_output=True, text=True, timeout=timeout,
                                   preexec_fn=preexec, check=True)
@@ -96,16 +103,19 @@ def run_child(args) -> None:
             yield from make_loader(StreamConfig(shards, cfg.batch_size, tokenizer, epoch=epoch, workers=cfg.workers))
 
     stream, loss = batches(), (lambda b: state.model.loss(b))
+    follower = threads.LoadFollower(torch.set_num_threads)  # as train's loop: a no-op unless adaptive
     for _ in range(3):
         train_step(state, loss, next(stream)[1], cfg)
-    start, steps, episodes = time.perf_counter(), 0, 0
-    while steps < 2 or time.perf_counter() - start < args.seconds:
-        keys, batch = next(stream)
-        train_step(state, loss, batch, cfg)
-        steps, episodes = steps + 1, episodes + len(keys)
-    seconds = time.perf_counter() - start
+    with competing_job(10 * args.seconds + 60) if args.busy_later else contextlib.nullcontext():
+        start, steps, episodes = time.perf_counter(), 0, 0
+        while steps < 2 or time.perf_counter() - start < args.seconds:
+            keys, batch = next(stream)
+            train_step(state, loss, batch, cfg)
+            follower.poll()
+            steps, episodes = steps + 1, episodes + len(keys)
+        seconds = time.perf_counter() - start
     print(json.dumps({"episodes_per_s": round(episodes / seconds, 2), "steps": steps, "batch_size": cfg.batch_size,
-                      "seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(), **applied}))
+                      "seconds": round(seconds, 1), "torch_threads_at_end": torch.get_num_threads(), **applied}))
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -131,8 +141,9 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["ME", "scan_prim_augmentation"])
     parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per measurement")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--conditions", nargs="+", default=["quiet", "busy", "busy_niced"],
-                        choices=["quiet", "busy", "busy_niced"])
+    parser.add_argument("--conditions", nargs="+", default=["quiet", "busy", "busy_niced", "busy_later"],
+                        choices=["quiet", "busy", "busy_niced", "busy_later"])
+    parser.add_argument("--busy_later", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--store_episodes", type=int, default=2000)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
@@ -153,8 +164,9 @@ def main() -> None:
                 for condition in args.conditions:
                     order = list(named)[repeat % len(named):] + list(named)[:repeat % len(named)]
                     for name in order:  # alternating, so a drift in the machine's load spreads over all
+                        busy = {"quiet": False, "busy_later": "later"}.get(condition, True)
                         row = measure(episode_type, store, named[name], args.seconds,
-                                      niced=condition == "busy_niced", busy=condition != "quiet")
+                                      niced=condition == "busy_niced", busy=busy)
                         results.append({"episode_type": episode_type, "condition": condition, "setting": name,
                                         "repeat": repeat, **row})
                         print(json.dumps(results[-1]), file=sys.stderr, flush=True)

@@ -162,3 +162,21 @@ def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
     episodes = [json.loads(line)["episodes"] for line in open(second.dir(tmp_path) / "net_ME.metrics.jsonl")]
     assert episodes == sorted(set(episodes)) and episodes[-1] == 1600  # increasing: nothing trained twice
     assert json.loads((second.dir(tmp_path) / "run.json").read_text())["status"] == "done"
+
+
+def test_threads_per_job_split_the_cores_and_a_lone_job_adapts(tmp_path):
+    from evalsuite.reproduce import ReproduceConfig, eval_command, train_command
+    from pipeline.threads import usable_cores
+    run = Run("ME", "full", 0)
+
+    def threads_flag(**kwargs) -> str | None:
+        cfg = ReproduceConfig(experiments=["ME"], seeds=[0], variants=["full"], out=str(tmp_path), **kwargs)
+        commands = train_command(cfg, run, resume=False), eval_command(cfg, run)
+        flags = [c[c.index("--threads") + 1] if "--threads" in c else None for c in commands]
+        assert flags[0] == flags[1]
+        return flags[0]
+
+    assert threads_flag(jobs=1) is None                 # the job's own policy follows the load
+    assert threads_flag(jobs=2) == str(max(1, usable_cores() // 2))
+    assert threads_flag(jobs=1, threads=3) == "3"
+    assert threads_flag(jobs=2, threads=5) == "2"
