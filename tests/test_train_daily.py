@@ -145,7 +145,7 @@ def test_ctrl_c_and_sigterm_save_after_the_step_and_resuming_ends_like_an_uninte
     assert [json.loads(line)["episodes"] for line in open(metrics)] == list(range(8, first + 1, 8))  # on disk
     assert (model_dir / "net_ME.curve.png").stat().st_size > 1000  # drawn at the checkpoint, not at the end
     # The start-of-run summary came first, with this process's facts.
-    assert "  threads      1\n" in out and "  episode type ME\n" in out
+    assert "  threads      1, GOMP_SPINCOUNT=1000\n" in out and "  episode type ME\n" in out
     assert f"{store} (manifest sha256 {episode_store.manifest_sha256(store)})" in out
 
     # SIGTERM to the main process alone (as `kill PID` sends it), during a resumed run.
