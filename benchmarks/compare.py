@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,15 +327,24 @@ def time_to_threshold(argv: list[str], cwd: Path, env: dict, pattern: re.Pattern
 
 
 def time_to_accuracy(episode_type: str, args, tmp: Path) -> dict:
+    """One launch of each side, to the first validation line at the threshold. --tta_side_by_side runs the two
+    at the same time with half the threads each (the same conditions for both, in half the wall time)."""
     threshold = TTA_THRESHOLDS.get(episode_type, 95.0)
-    env = child_env(args.threads, args.device)
+    threads_n = max(1, args.threads // 2) if args.tta_side_by_side else args.threads
+    env = child_env(threads_n, args.device)
     ours_argv = our_train_argv(episode_type, 10000, tmp / "tta" / "shards" / episode_type, tmp / "tta" / "ours",
-                               args.threads, device=args.device)  # a fresh store: its generation counts, as for a newcomer
+                               threads_n, extra=("--seed", str(args.tta_seed)),
+                               device=args.device)  # a fresh store: its generation counts, as for a newcomer
     original_argv = original_train_argv(args.original, episode_type, 10000, tmp / "tta" / "original")
-    original = time_to_threshold(original_argv, args.original, env, ORIGINAL_LINE, threshold, args.tta_timeout)
-    ours = time_to_threshold(ours_argv, ROOT, env, OUR_LINE, threshold, args.tta_timeout)
-    return {"threshold_generalization": threshold, "original": original, "ours (default recipe)": ours,
-            "speedup": ratio(original["seconds"], ours["seconds"])}
+    launches = {"original": (original_argv, args.original, ORIGINAL_LINE),
+                "ours (default recipe)": (ours_argv, ROOT, OUR_LINE)}
+    with ThreadPoolExecutor(max_workers=2 if args.tta_side_by_side else 1) as pool:
+        futures = {side: pool.submit(time_to_threshold, argv, cwd, env, line, threshold, args.tta_timeout)
+                   for side, (argv, cwd, line) in launches.items()}
+        results = {side: future.result() for side, future in futures.items()}
+    return {"threshold_generalization": threshold, "threads_per_side": threads_n, "our_seed": args.tta_seed,
+            "side_by_side": args.tta_side_by_side, **results,
+            "speedup": ratio(results["original"]["seconds"], results["ours (default recipe)"]["seconds"])}
 
 
 # ---- main ----------------------------------------------------------------------------------------------
@@ -348,6 +358,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="what to run [default: all but tta; tta too with --full]")
     parser.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
     parser.add_argument("--tta_types", nargs="+", default=["ME"], help="episode types for time to accuracy")
+    parser.add_argument("--tta_side_by_side", action="store_true",
+                        help="time to accuracy: both sides at once, half the threads each")
+    parser.add_argument("--tta_seed", type=int, default=0, help="time to accuracy: our --seed (store and model)")
     parser.add_argument("--threads", type=int, default=None, help="both sides [default: pipeline.threads' policy]")
     parser.add_argument("--repeats", type=int, default=1, help="training runs of each length per side")
     parser.add_argument("--extras", action="store_true", help="also ours with --amp bf16 and with --compile")

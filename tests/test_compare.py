@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -134,3 +135,34 @@ def test_both_sides_see_the_gpu_only_when_asked():
     assert on_gpu.get("CUDA_VISIBLE_DEVICES") != "" and on_gpu["OMP_NUM_THREADS"] == "1"
     argv = compare.our_train_argv("ME", 10, Path("s"), Path("d"), 1, device="cuda")
     assert argv[argv.index("--device") + 1] == "cuda"
+
+
+# A stand-in for a training command: prints validation lines in the given format, one every `pause` seconds.
+FAKE_TRAINING = """
+import sys, time
+fmt, pause = sys.argv[1], float(sys.argv[2])
+for episode, generalization in ((100, 50.0), (200, 96.0), (300, 100.0)):
+    time.sleep(pause)
+    print(fmt.format(episode, generalization), flush=True)
+"""
+
+
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_time_to_accuracy_times_both_sides_and_can_run_them_at_once(monkeypatch, tmp_path, side_by_side):
+    ours_fmt = "episode {} | 9.0 episodes/s | loss 0.1 | val retrieval 100.0% | val generalization {}%"
+    original_fmt = "1m 2s (- 9m 3s) ({} 1% finished) TrainLoss: 0.1, ValAccRetrieval: 100.0, ValAccGeneralize: {}"
+    fake = lambda fmt: [sys.executable, "-c", FAKE_TRAINING, fmt, "0.6"]  # noqa: E731
+    threads_seen = []
+    monkeypatch.setattr(compare, "original_train_argv", lambda *a, **k: fake(original_fmt))
+    monkeypatch.setattr(compare, "our_train_argv",
+                        lambda _type, _n, _store, _dir, threads_n, **k: threads_seen.append(threads_n) or fake(ours_fmt))
+    args = SimpleNamespace(threads=2, device="cpu", tta_side_by_side=side_by_side, tta_seed=3,
+                           original=tmp_path, tta_timeout=60)
+    start = time.perf_counter()
+    report = compare.time_to_accuracy("scan_prim_permutation", args, tmp_path)  # 95%: the line at episode 200
+    wall = time.perf_counter() - start
+    for side in ("original", "ours (default recipe)"):
+        assert report[side]["reached"] and report[side]["episode"] == 200 and report[side]["generalization"] == 96.0
+        assert report[side]["seconds"] >= 1.2
+    assert threads_seen == [1 if side_by_side else 2] and report["threads_per_side"] == threads_seen[0]
+    assert (wall < 2.3) if side_by_side else (wall >= 2.4)  # at once: about one side's time; in turn: both
