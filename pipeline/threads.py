@@ -37,6 +37,10 @@ CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 PROC_STAT = Path("/proc/stat")
 LOAD_SAMPLE_SECONDS = 0.25
 BUSY_CORE = 0.5             # other processes using at least half a core take that core
+# How often a long command looks at the load again. Reading /proc/stat costs microseconds; a competing job
+# that arrives while libgomp's long spin is on slows training several times over until the next look
+# (benchmarks/threads.py, condition busy_later: 2.1x over a 12 s window when this was 10 s).
+FOLLOW_SECONDS = 2.0
 
 _applied: dict = {}
 
@@ -191,7 +195,7 @@ class LoadFollower:
     the threads to the cores the other processes left free since the last poll. Does nothing when the user
     fixed the threads (--threads, OMP_NUM_THREADS) or the wait policy."""
 
-    def __init__(self, set_threads, every: float = 10.0):
+    def __init__(self, set_threads, every: float = FOLLOW_SECONDS):
         self.set_threads, self.every = set_threads, every
         self.active = bool(_applied.get("adaptive"))
         self.cores, self.cpus = usable_cores(), _cpus()

@@ -530,7 +530,8 @@ def thread_summary() -> str:
     policy = threads.applied()
     text = f"{torch.get_num_threads()}, GOMP_SPINCOUNT={policy.get('spincount')}"
     if policy.get("adaptive"):
-        text += f" (adaptive: other processes kept {policy['others_busy']} cores busy; followed every 10 s)"
+        text += f" (adaptive: other processes kept {policy['others_busy']} cores busy; "
+        text += f"followed every {threads.FOLLOW_SECONDS:g} s)"
     return text
 
 
