@@ -3,9 +3,10 @@
 Two settings, both read by the OpenMP runtime when torch loads, so `apply()` must run before `import torch`
 (it still sets torch's thread count when torch is already loaded, but then the wait policy is fixed):
 
-- threads: `--threads N`, else $OMP_NUM_THREADS, else every core this process may use (CPU affinity and a
-  cgroup CPU quota both count). Exported as OMP_NUM_THREADS and MKL_NUM_THREADS, so child processes (the
-  DataLoader workers, and the training jobs that `reproduce` starts with their own --threads) inherit it.
+- threads: `--threads N`, else $OMP_NUM_THREADS, else (adaptive, below) the cores this process may use
+  (CPU affinity and a cgroup CPU quota both count) that other processes leave free. Exported as
+  OMP_NUM_THREADS and MKL_NUM_THREADS, so child processes (the DataLoader workers, and the training jobs
+  that `reproduce` starts with their own --threads) inherit it.
 - waiting: idle OpenMP threads spin GOMP_SPINCOUNT=1000 rounds before they sleep, not libgomp's 300,000.
   On a shared CPU the long spin takes the cores from the threads doing the work: ME training beside one busy
   process ran 0.8 episodes/s with it and 16 without it (issue 8; docs/benchmarks.md has the measurements,
@@ -95,7 +96,7 @@ def thread_env(threads: int | None = None, environ=os.environ, others_busy: floa
     cores other processes keep busy, counts only for the adaptive policy."""
     if is_adaptive(threads, environ):
         cores = usable_cores()
-        n = free_cores(cores, others_busy)
+        n = free_cores(cores, others_busy, len(_cpus()))
         spin = LONG_SPINCOUNT if others_busy < BUSY_CORE else SHORT_SPINCOUNT
         return {**{name: str(n) for name in THREAD_VARS}, SPIN_VAR: spin}
     n = str(resolve_threads(threads, environ))
@@ -185,9 +186,12 @@ def others_busy_cores(seconds: float) -> float | None:
     return None if first is None or second is None else others_between(first, second, len(cpus))
 
 
-def free_cores(cores: int, others_busy: float) -> int:
-    """The cores left to this process: every one that others keep less than half busy, and at least one."""
-    return max(1, cores - int(others_busy + BUSY_CORE))
+def free_cores(cores: int, others_busy: float, cpus: int | None = None) -> int:
+    """The cores left to this process, at least one: of the `cpus` it may run on, those that others keep less
+    than half busy, up to `cores` (its usable cores: fewer than `cpus` under a cgroup quota, where the other
+    processes on the CPUs are not competing for our quota)."""
+    cpus = cpus or cores
+    return max(1, min(cores, cpus - int(others_busy + BUSY_CORE)))
 
 
 class LoadFollower:
@@ -209,7 +213,7 @@ class LoadFollower:
         now = load_sample(self.cpus)
         if now is None:
             return None
-        wanted = free_cores(self.cores, others_between(self.last, now, len(self.cpus)))
+        wanted = free_cores(self.cores, others_between(self.last, now, len(self.cpus)), len(self.cpus))
         self.last = now
         if wanted == self.threads:
             return None

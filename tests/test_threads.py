@@ -110,6 +110,8 @@ def test_busy_ticks_count_only_our_cpus():
 
 def test_free_cores_and_the_adaptive_env():
     assert [threads.free_cores(2, busy) for busy in (0.0, 0.4, 0.6, 1.0, 1.6, 2.0)] == [2, 2, 1, 1, 1, 1]
+    # a quota of 2 cores on a 16-CPU host: others' load counts only when it leaves fewer than 2 CPUs idle
+    assert [threads.free_cores(2, busy, cpus=16) for busy in (0.0, 12.0, 14.6, 15.0)] == [2, 2, 1, 1]
     cores = threads.usable_cores()
     quiet = threads.thread_env(None, environ={}, others_busy=0.0)
     assert quiet == {"OMP_NUM_THREADS": str(cores), "MKL_NUM_THREADS": str(cores), "GOMP_SPINCOUNT": "300000"}
