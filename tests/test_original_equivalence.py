@@ -20,6 +20,7 @@ time.
    The README lists this under "Differences from the original".
 3. Training mode with dropout on: the masks are drawn differently, so only the distribution can agree; the
    loss over 300 draws has the original's mean and spread (weights drawn N(0, 0.3), so that dropout matters).
+4. ME episodes from our sampler have the statistics of the original's generate_ME.
 """
 from __future__ import annotations
 
@@ -360,3 +361,43 @@ def test_dropout_in_training_gives_the_originals_loss_distribution(original):
     assert 0.75 < (ours.std() / theirs.std()).item() < 1.33, (theirs.std(), ours.std())
     # the check can fail: without the inter-layer dropout the spread falls to about half (measured 0.56x)
     assert (fewer_masks.std() / theirs.std()).item() < 0.75, (theirs.std(), fewer_masks.std())
+
+
+# ---- 4. ME episodes: the original's distribution -----------------------------------------------------------
+
+def me_episode_statistics(episodes) -> dict[str, float]:
+    """episodes: (support inputs, query inputs) as word lists, retrieval copies of the supports left out."""
+    lengths, with_held_out, held_out_share, n = [0] * 7, 0, 0.0, 0
+    for support, queries in episodes:
+        held_out = ({"dax", "lug", "wif", "zup"} - {w for s in support for w in s}).pop()
+        for q in queries:
+            lengths[len(q)] += 1
+            with_held_out += held_out in q
+            held_out_share += q.count(held_out) / len(q)
+            n += 1
+    return {**{f"length {k}": lengths[k] / n for k in range(2, 7)}, "with the held-out word": with_held_out / n,
+            "held-out share of words": held_out_share / n, "queries per episode": n / len(episodes)}
+
+
+def test_me_episodes_follow_the_originals_sampler(original):
+    """Our ME sampler against the original's generate_ME, 2,000 training episodes each: query lengths, how
+    often the held-out (mutual-exclusivity) word appears and how much of a query it is, queries per episode."""
+    import numpy as np
+    from pipeline.samplers import get_sampler
+    original.use_resconstruct_loss, original.max_try_novel = True, 100  # globals of its __main__ block
+    generate_train = original.get_episode_generator("ME")[0]
+    random.seed(0)
+    theirs = []
+    for _ in range(2000):
+        sample = generate_train(set())
+        supports = {tuple(s) for s in sample["xs"]}
+        theirs.append((sample["xs"], [q for q in sample["xq"] if tuple(q) not in supports]))  # its support-loss copies
+    sampler, rng = get_sampler("ME"), np.random.default_rng(0)
+    ours = []
+    for _ in range(2000):
+        episode = sampler.sample_train(rng, frozenset())
+        ours.append(([s["input"].split() for s in episode["support"]], [q["input"].split() for q in episode["query"]]))
+    a, b = me_episode_statistics(theirs), me_episode_statistics(ours)
+    assert a["queries per episode"] == b["queries per episode"] == 20
+    for key in a:  # 40,000 queries a side: a share's standard error is below 0.003
+        assert abs(a[key] - b[key]) < 0.012, (key, a[key], b[key])
