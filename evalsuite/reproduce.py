@@ -29,8 +29,8 @@ from evalsuite.report import RESULTS_NAME
 from pipeline import store as episode_store
 from pipeline.errors import UserError
 from pipeline.samplers import EPISODE_TYPES
-from pipeline.threads import usable_cores
 from pipeline.shardio import check_writable_dir, file_sha256, write_bytes_atomically
+from pipeline.threads import usable_cores
 from trainer.checkpoint import load_checkpoint
 from trainer.train import LEGACY_SETTINGS, TrainConfig
 
@@ -198,11 +198,12 @@ def prepare_stores(cfg: ReproduceConfig, runs: list[Run], say) -> None:
 # ---- running one run --------------------------------------------------------------------------------------
 
 def cli_args(flags: dict) -> list[str]:
+    """Flags as command-line words: True is a bare flag; False and None (the command's own default) are left out."""
     args = []
     for name, value in flags.items():
         if value is True:
             args.append(f"--{name}")
-        elif value is not False:
+        elif value is not False and value is not None:
             args += [f"--{name}", str(value)]
     return args
 
@@ -212,13 +213,13 @@ def train_command(cfg: ReproduceConfig, run: Run, resume: bool) -> list[str]:
              "seed": run.seed, "dir_model": str(run.dir(cfg.out)), "threads": cfg.threads_per_job,
              **VARIANT_FLAGS[run.variant], **cfg.train_flags(), "no_generate": True, "no_progress": True,
              "resume": resume}
-    return [sys.executable, "-m", "cli", "train", *cli_args({k: v for k, v in flags.items() if v is not None})]
+    return [sys.executable, "-m", "cli", "train", *cli_args(flags)]
 
 
 def eval_command(cfg: ReproduceConfig, run: Run) -> list[str]:
     flags = {"checkpoint": str(run.checkpoint(cfg.out)), "out": str(run.eval_dir(cfg.out)),
              "threads": cfg.threads_per_job, "device": cfg.device, "no_progress": True}
-    return [sys.executable, "-m", "cli", "eval", *cli_args({k: v for k, v in flags.items() if v is not None})]
+    return [sys.executable, "-m", "cli", "eval", *cli_args(flags)]
 
 
 @dataclass

@@ -201,10 +201,9 @@ class LoadFollower:
 
     def __init__(self, set_threads, every: float = FOLLOW_SECONDS):
         self.set_threads, self.every = set_threads, every
-        self.active = bool(_applied.get("adaptive"))
         self.cores, self.cpus = usable_cores(), _cpus()
         self.threads = _applied.get("threads", self.cores)
-        self.last = load_sample(self.cpus) if self.active else None
+        self.last = load_sample(self.cpus) if _applied.get("adaptive") else None  # None: never polls
 
     def poll(self) -> int | None:
         """The new thread count when it changed, else None."""

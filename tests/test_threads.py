@@ -2,6 +2,7 @@
 torch loads, in a fresh process, as a user would run it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,6 +14,9 @@ import pytest
 
 from cli import cli, run_cli
 from pipeline import threads
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from machine import competing_job  # noqa: E402  (the benchmarks' busy process, here as the load to detect)
 
 ROOT = Path(__file__).parents[1]
 TORCH_COMMANDS = ("train", "eval", "predict")  # those that exist must take --threads
@@ -126,20 +130,11 @@ def test_free_cores_and_the_adaptive_env():
     assert not threads.is_adaptive(2, {})
 
 
-def busy_loop(seconds: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", f"import time\nend = time.time() + {seconds}\n"
-                             "while time.time() < end: pass"])
-
-
 def test_others_busy_sees_a_busy_process_and_not_this_one():
     own = threads.others_busy_cores(0.5)  # this process sleeps; whatever else runs on the machine counts
-    spinner = busy_loop(30)
-    try:
+    with competing_job(30):
         time.sleep(0.3)
         with_spinner = threads.others_busy_cores(1.0)
-    finally:
-        spinner.kill()
-        spinner.wait()
     assert with_spinner >= 0.6, with_spinner                     # the busy loop takes (most of) a core
     assert with_spinner >= min(own + 0.5, len(threads._cpus())) - 0.4
 
@@ -166,14 +161,11 @@ def test_load_follower_gives_up_a_core_and_takes_it_back(monkeypatch):
 def test_adaptive_policy_in_a_fresh_process(tmp_path):
     """No thread variable set: beside a busy process, train takes the cores it leaves (with the short spin)."""
     cores = threads.usable_cores()
-    spinners = [busy_loop(60) for _ in range(cores)]  # every core busy: one thread is left
-    try:
+    with contextlib.ExitStack() as spinners:
+        for _ in range(cores):  # every core busy: one thread is left
+            spinners.enter_context(competing_job(60))
         time.sleep(0.3)
         result = probe(FAILING_FAST["train"], {}, tmp_path)
-    finally:
-        for spinner in spinners:
-            spinner.kill()
-            spinner.wait()
     assert result["applied"]["adaptive"] is True
     assert result["applied"]["others_busy"] >= cores - 0.6
     assert result["torch_threads"] == 1 == result["applied"]["threads"]
