@@ -349,7 +349,9 @@ def _raise_interrupt(*_):
 
 def _run_all(grid: Grid, todo: list[Run], states: dict, say, total: int, done: int) -> bool:
     """Returns whether the grid was interrupted (Ctrl-C, or SIGTERM handled as Ctrl-C)."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGINT too, explicitly: a process started in the background by a shell (`cmd &`, nohup) inherits SIGINT
+    # ignored, and Python then leaves it ignored, so `kill -INT` would not stop the grid.
+    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     pool = ThreadPoolExecutor(max_workers=grid.cfg.jobs)
     try:
         for run in todo:
@@ -369,5 +371,6 @@ def _run_all(grid: Grid, todo: list[Run], states: dict, say, total: int, done: i
                 grid.interrupt()
     finally:
         pool.shutdown(wait=True)
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return grid.stopping.is_set()

@@ -138,8 +138,10 @@ def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
     args = ["--experiments", "ME", "--seeds", "0,1", "--jobs", "1", "--num_episodes", "1600", "--emb_size", "16",
             "--nlayers", "1", "--batch_size", "8", "--threads", "1", "--val_every", "80", "--checkpoint_every", "80"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Started as a shell starts `cmd &` (SIGINT ignored, which Python keeps): `kill -INT` must stop it all the same.
     grid = subprocess.Popen([sys.executable, "cli.py", "reproduce", "--out", str(tmp_path), *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     second = Run("ME", "full", 1)
     deadline = time.time() + 300
     while not second.checkpoint(tmp_path).is_file() and time.time() < deadline and grid.poll() is None:

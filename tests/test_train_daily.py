@@ -18,6 +18,7 @@ from cli import cli, run_cli
 from pipeline import store as episode_store
 from pipeline.errors import UserError
 from pipeline.shardio import file_sha256
+from pipeline.threads import SPIN_VAR, WAIT_POLICY_VAR
 from trainer.checkpoint import load_checkpoint
 from trainer.data import StreamConfig, Tokenizer, make_loader
 from trainer.precision import amp_problem
@@ -50,7 +51,12 @@ def same_weights(a: Path, b: Path) -> bool:
 def cli_process(*args: str, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+                            env={**environ_without_wait_setting(), "OMP_NUM_THREADS": "1"}, **popen)
+
+
+def environ_without_wait_setting() -> dict[str, str]:
+    """This environment without a wait setting of the user's, so the policy's own (the short spin) is tested."""
+    return {name: value for name, value in os.environ.items() if name not in (SPIN_VAR, WAIT_POLICY_VAR)}
 
 
 # ---- 1. bf16 where the CPU cannot ---------------------------------------------------------------------------
