@@ -24,6 +24,7 @@ from trainer.checkpoint import load_checkpoint
 from trainer.data import Tokenizer, read_records
 from trainer.evaluate import decode_records, episode_queries
 from trainer.model import MetaSeq2Seq, ModelConfig
+from trainer.precision import use_exact_fp32
 from trainer.train import resolve_device
 
 
@@ -133,6 +134,7 @@ def load_model(ckpt: dict, cfg: EvalConfig) -> Loaded:
         raise UserError(f"checkpoint {cfg.checkpoint} does not hold a loadable model "
                         f"({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
     device = resolve_device(cfg.device)
+    use_exact_fp32(device)
     return Loaded(ckpt, model.to(device).eval(), tokenizer, device, max_length)
 
 

@@ -79,7 +79,8 @@ def test_training_on_cuda_follows_the_cpu_run(store, tmp_path):
             str(tmp_path / f"on_{device}"), "--device", device, *TINY)
     cpu, gpu = (losses(tmp_path / f"on_{d}" / "net_ME.metrics.jsonl") for d in ("cpu", "cuda"))
     assert len(cpu) == len(gpu) >= 2
-    torch.testing.assert_close(torch.tensor(gpu), torch.tensor(cpu), rtol=1e-3, atol=0)
+    # fp32 on both sides: train turns cuDNN's default TF32 off, so only the order of sums differs.
+    torch.testing.assert_close(torch.tensor(gpu), torch.tensor(cpu), rtol=1e-4, atol=0)
 
 
 def test_a_cuda_checkpoint_resumes_on_cpu_and_evaluates_on_cuda(store, tmp_path):

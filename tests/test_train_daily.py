@@ -21,7 +21,7 @@ from pipeline.shardio import file_sha256
 from pipeline.threads import SPIN_VAR, WAIT_POLICY_VAR
 from trainer.checkpoint import load_checkpoint
 from trainer.data import StreamConfig, Tokenizer, make_loader
-from trainer.precision import amp_problem
+from trainer.precision import amp_problem, use_exact_fp32
 from trainer.train import (RESUME_KEYS, StopRequest, TrainConfig, TrainState, resumed_batches, store_layout,
                            train, train_shards)
 
@@ -69,6 +69,19 @@ def test_amp_problem_names_the_cpu_and_the_way_out():
     assert amp_problem("bf16", "cpu", None) is None           # the probe trained an LSTM in bf16
     assert amp_problem("none", "cpu", probe_says) is None     # fp32 does not care
     assert amp_problem("bf16", "cuda", probe_says) is None    # the CPU probe says nothing about a GPU
+
+
+def test_fp32_on_a_gpu_turns_off_cudnns_tf32_and_leaves_the_cpu_alone():
+    # cuDNN's default (allow_tf32 True) runs fp32 LSTMs in TF32 on Ampere and later GPUs; --amp none must not.
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        use_exact_fp32(torch.device("cpu"))
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        use_exact_fp32(torch.device("cuda", 0))  # sets flags only: needs no GPU
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_amp_bf16_on_a_cpu_without_bf16_is_one_line_and_writes_nothing(tmp_path):

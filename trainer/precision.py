@@ -40,6 +40,15 @@ def amp_problem(amp: str, device_type: str, cpu_bf16_problem: str | None) -> str
     return None
 
 
+def use_exact_fp32(device: torch.device) -> None:
+    """fp32 on a GPU means fp32, as on the CPU and on the paper's GPUs: cuDNN's default lets the LSTMs multiply
+    in TF32 (a 10-bit mantissa) on Ampere and later cards. Process-wide; bf16 autocast is unaffected (its
+    products are bf16 either way)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def check_amp(amp: str, device_type: str) -> None:
     """Refuse an autocast mode this device cannot run, before any work or any file is written."""
     if amp == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():

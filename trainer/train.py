@@ -31,7 +31,7 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import StreamConfig, Tokenizer, make_loader, read_records
 from trainer.evaluate import decode_records
 from trainer.model import MetaSeq2Seq, ModelConfig
-from trainer.precision import check_amp
+from trainer.precision import check_amp, use_exact_fp32
 
 # The default recipe is the paper's, one episode per optimizer step with lr 1e-3, for every experiment, chosen by
 # validation accuracy across seeds on the 2-core CPU (docs/results.md). SCAN: B=1 passed 95% validation
@@ -491,6 +491,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device)
     check_checkpoint_target(cfg)
     if ctx.is_main:
         check_writable_dir(cfg.checkpoint_path.parent, "--dir_model")
+    use_exact_fp32(device)
     manifest = prepare_store(cfg, ctx)
     session = Session(cfg, ctx, device, manifest, episode_store.manifest_sha256(cfg.store_path),
                       provenance.collect(device_name(device)) if ctx.is_main else {})
