@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from flops import matmul_peak_flops, train_flops  # noqa: E402
 from pipeline import store as episode_store  # noqa: E402
 from trainer.data import StreamConfig, Tokenizer, make_loader  # noqa: E402
+from trainer.precision import use_exact_fp32  # noqa: E402
 from trainer.train import TrainConfig, build_state, model_config, train_step  # noqa: E402
 
 
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="[default: pipeline.threads' policy]")
     args = parser.parse_args()
     device = torch.device(args.device)
+    use_exact_fp32(device)  # what `train` computes: fp32 without cuDNN's TF32
     peak = matmul_peak_flops(device)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
