@@ -40,7 +40,8 @@ from trainer.precision import check_amp, use_exact_fp32
 # through the lr decay on seeds 1 and 2 (15% and 11% at 10,000); B=1 left it on all three seeds before the
 # decay and reached 100% on seeds 1 and 2 (seed 0: about 70%); over seeds 0-4, B=1 reaches 100% on 3 of 5, the
 # original's exact training (--attend_query_padding --reset_adam_at_decay) on 4 of 5, each failing a seed the
-# other solves, so the default stays as DESIGN.md has it: docs/results.md.
+# other solves, and the padded attention alone on 7 of 11, so the default stays as DESIGN.md has it:
+# docs/results.md (which also shows the original code leaving the plateau earlier, for a reason not yet found).
 # Other batch sizes are for experiments: they get lr 2e-3 unless --lr says otherwise.
 PAPER_LR, BATCHED_LR = 1e-3, 2e-3
 DEFAULT_BATCH_SIZE = {}          # per episode type, where one ever differs from the paper's
