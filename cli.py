@@ -117,6 +117,10 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
 @click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes per process.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seeds", default=None, metavar="0,1,...",
+              help="Train these seeds as one stack, one process: model k is the run `--seed k` would make, "
+                   "written to DIR_MODEL/seed<k>/. Under torchrun the seeds are split over the processes. "
+                   "--store may contain {seed} for each model's own store.")
 @click.option("--resume", is_flag=True,
               help="Continue from the checkpoint at dir_model/fn_out_model; a larger --num_episodes extends it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint (and its metrics log and curve).")
@@ -135,14 +139,29 @@ def train(no_generate: bool, compile_model: bool, **kwargs) -> None:
     Ctrl-C (SIGINT) or SIGTERM: the current step ends, the checkpoint is saved, exit 130."""
     from trainer.train import TrainConfig, TrainingInterrupted, train as run_train  # here: torch is slow to import
     given = {name: value for name, value in kwargs.items() if value is not None}  # None: TrainConfig's default
+    if "seeds" in given:
+        given["seeds"] = parse_seeds(given["seeds"])
     try:
         result = run_train(TrainConfig(generate_missing_store=not no_generate, compile=compile_model, **given))
     except TrainingInterrupted as err:  # saved: one line from rank 0, not click's generic "Aborted"
         if err.is_main:
             click.echo(str(err), err=True)
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
-    if result["is_main"]:
+    if "seeds" in given:
+        for seed, run in result.items():
+            click.echo(f"checkpoint (seed {seed}): {run['checkpoint']}")
+    elif result["is_main"]:
         click.echo(f"checkpoint: {result['checkpoint']}")
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise UserError(f"--seeds must be non-negative integers, got {text!r}")
+    return seeds
 
 
 @cli.command("eval")

@@ -7,6 +7,7 @@ and workers the order of batches is a pure function of the seed, which is what m
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -66,10 +67,12 @@ def _decode_sample(sample: dict) -> dict:
     return record
 
 
-def _seeded_shuffle(what: str, seed: int, epoch: int, bufsize: int):
-    """A shuffle whose RNG is fixed by (seed, epoch, rank, worker), never by time or pid."""
+def _seeded_shuffle(what: str, seed: int, epoch: int, bufsize: int, by_node: bool = True):
+    """A shuffle whose RNG is fixed by (seed, epoch, rank, worker), never by time or pid. Without by_node the
+    rank counts as 0: a process of a stack under torchrun reads its models' streams as a lone process would."""
     def stage(items):
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rank = rank if by_node else 0
         rng = random.Random(f"{what}-{seed}-{epoch}-{rank}-{worker}")
         buffer: list = []
         for item in items:
@@ -107,20 +110,54 @@ class StreamConfig:
     epoch: int = 0
     shuffle_buffer: int = 1000
     workers: int = 0
+    by_node: bool = True          # split the shards over torchrun's processes (off for a stack's models)
+
+
+def record_stages(cfg: StreamConfig) -> list:
+    """The pipeline up to shuffled records; each shard is read by exactly one (rank, worker)."""
+    return [
+        wds.SimpleShardList(list(cfg.shards)),
+        *([wds.split_by_node] if cfg.by_node else []),
+        wds.split_by_worker,
+        _seeded_shuffle("shards", cfg.seed, cfg.epoch, len(cfg.shards), cfg.by_node),
+        wds.tarfile_to_samples(),
+        wds.map(_decode_sample),
+        _seeded_shuffle("episodes", cfg.seed, cfg.epoch, cfg.shuffle_buffer, cfg.by_node),
+    ]
 
 
 def episode_stream(cfg: StreamConfig) -> wds.DataPipeline:
-    """Yields (keys, EpisodeBatch); each shard is read by exactly one (rank, worker)."""
-    return wds.DataPipeline(
-        wds.SimpleShardList(list(cfg.shards)),
-        wds.split_by_node,
-        wds.split_by_worker,
-        _seeded_shuffle("shards", cfg.seed, cfg.epoch, len(cfg.shards)),
-        wds.tarfile_to_samples(),
-        wds.map(_decode_sample),
-        _seeded_shuffle("episodes", cfg.seed, cfg.epoch, cfg.shuffle_buffer),
-        _collate_stage(cfg.batch_size, cfg.tokenizer, cfg.support_as_queries),
-    )
+    """Yields (keys, EpisodeBatch)."""
+    return wds.DataPipeline(*record_stages(cfg), _collate_stage(cfg.batch_size, cfg.tokenizer, cfg.support_as_queries))
+
+
+class StackStream(torch.utils.data.IterableDataset):
+    """The streams of a stack's M models, read side by side: each step yields model m's next batch_size
+    records for every m, collated into one batch of M * batch_size episodes (model-major). Model m's
+    records come in the order that its own `episode_stream` gives a single run with the same seed."""
+
+    def __init__(self, streams: list[StreamConfig]):
+        self.streams = streams
+
+    def __iter__(self):
+        first = self.streams[0]
+        sources = [iter(wds.DataPipeline(*record_stages(s))) for s in self.streams]
+        while True:
+            groups = [list(itertools.islice(source, s.batch_size)) for source, s in zip(sources, self.streams)]
+            count = min(len(g) for g in groups)
+            if count == 0:
+                return
+            groups = [g[:count] for g in groups]
+            yield ([[r["__key__"] for r in g] for g in groups],
+                   collate_episodes([r for g in groups for r in g], first.tokenizer, first.support_as_queries))
+
+
+def make_stack_loader(streams: list[StreamConfig], workers: int, pin_memory: bool = False):
+    """One loader for all the models of a stack (`workers` is 0 or 1: one process reads every stream)."""
+    return torch.utils.data.DataLoader(
+        StackStream(streams), batch_size=None, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(streams[0].seed),
+        worker_init_fn=_leave_stop_signals_to_the_main_process if workers else None)
 
 
 def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:

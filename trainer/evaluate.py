@@ -25,12 +25,12 @@ def decode_records(model: MetaSeq2Seq, records: list[dict], tokenizer: Tokenizer
         batch = collate_episodes(chunk, tokenizer, support_as_queries=True).to(device)
         predictions = strip_decoded(model.greedy_decode(batch, max_length))
         for record, episode_predictions in zip(chunk, predictions):
-            results.append(_score_record(record, episode_predictions, tokenizer))
+            results.append(score_record(record, episode_predictions, tokenizer))
     model.train(was_training)
     return results
 
 
-def _score_record(record: dict, predictions: list[list[int]], tokenizer: Tokenizer) -> list[QueryResult]:
+def score_record(record: dict, predictions: list[list[int]], tokenizer: Tokenizer) -> list[QueryResult]:
     support_inputs = {s["input"] for s in record["support"]}
     queries = episode_queries(record, support_as_queries=True)
     return [QueryResult(q["input"], q["output"], tokenizer.decode_output(p), q["input"] in support_inputs)

@@ -93,6 +93,7 @@ class TrainConfig:
     generate_missing_store: bool = True
     progress: bool = True
     stop_after: int | None = None         # stop (with a checkpoint) after this many episodes: for tests
+    seeds: tuple[int, ...] | None = None  # train these seeds as one stack (trainer/train_stack.py)
 
     def __post_init__(self):
         if self.episode_type is None and self.store is None:
@@ -149,7 +150,10 @@ def check_config(cfg: TrainConfig, world_size: int, device_type: str) -> None:
     if cfg.lr <= 0 or cfg.workers < 0:
         raise UserError("--lr must be positive and --workers non-negative")
     if cfg.batch_size % world_size:
-        raise UserError(f"--batch_size {cfg.batch_size} must divide evenly over {world_size} processes")
+        raise UserError(f"--batch_size {cfg.batch_size} must divide evenly over {world_size} processes: to train "
+                        f"several models, give --seeds (each process trains its share, one episode per step "
+                        f"each); to train one model on several processes, make --batch_size a multiple of "
+                        f"{world_size}")
     check_amp(cfg.amp, device_type)  # e.g. bf16 on a CPU whose oneDNN has no bf16 LSTM: one line, no files
 
 
@@ -476,7 +480,11 @@ class StopRequest:
 def train(cfg: TrainConfig) -> dict:
     """Train, checkpoint, and return the last validation scores and where the checkpoint is.
 
-    Raises TrainingInterrupted (a KeyboardInterrupt) after saving, when SIGINT or SIGTERM stopped it."""
+    Raises TrainingInterrupted (a KeyboardInterrupt) after saving, when SIGINT or SIGTERM stopped it.
+    With cfg.seeds, trains them as one stack and returns each seed's result (trainer/train_stack.py)."""
+    if cfg.seeds:
+        from trainer.train_stack import train_stack  # it builds on this module
+        return train_stack(cfg)
     device_kind = resolve_device(cfg.device).type
     ctx = distributed.setup(device_kind)
     try:
@@ -662,16 +670,18 @@ class RunLog:
             write_bytes_atomically(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def record(self, state: TrainState, rate: float, loss: float, bar) -> None:
-        row = {"episodes": state.episodes_done, "episodes_per_s": round(rate, 2), "loss": loss,
-               "lr": state.optimizer.param_groups[0]["lr"], "threads": torch.get_num_threads(),
-               **{f"val_{k}": v for k, v in state.last_val.items()}}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.record_row(state, rate, loss, state.optimizer.param_groups[0]["lr"])
         message = log_line(state, rate, loss)
         if bar.disable:
             print(message, flush=True)
         else:
             bar.write(message)  # above the progress bar, which stays at the bottom
+
+    def record_row(self, state: TrainState, rate: float, loss: float, lr: float) -> None:
+        row = {"episodes": state.episodes_done, "episodes_per_s": round(rate, 2), "loss": loss, "lr": lr,
+               "threads": torch.get_num_threads(), **{f"val_{k}": v for k, v in state.last_val.items()}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def draw(self) -> None:
         from trainer.report import plot_curves  # matplotlib is slow to import: at the first checkpoint only

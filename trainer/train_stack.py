@@ -1,0 +1,327 @@
+"""`train --seeds`: M independent runs trained as one stack (trainer/stacked.py), in one process.
+
+Model m is the run that `train --seed m` would make: the same initial weights (bitwise), the same store and
+data order, the same dropout stream (its own generator, drawn over its own tokens), its own Adam moments and
+gradient clip, the same lr schedule. Each model writes an ordinary single-run checkpoint, metrics log and
+curve under DIR_MODEL/seed<m>/, with the train_config of that single run: `eval`, `predict` and a single
+`--resume` take it unchanged, and a stack resumes from its M checkpoints.
+
+Under torchrun the seeds are split over the processes; each trains its share as a stack of its own, with no
+gradient averaging between different models.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline import provenance, threads
+from pipeline import store as episode_store
+from pipeline.errors import UserError
+from pipeline.shardio import check_writable_dir
+from trainer import distributed
+from trainer.checkpoint import save_checkpoint
+from trainer.data import StreamConfig, Tokenizer, collate_episodes, make_stack_loader, read_records
+from trainer.evaluate import score_record
+from trainer.model import strip_decoded
+from trainer.precision import use_exact_fp32
+from trainer.stacked import StackedMetaSeq2Seq, clip_grad_norms_
+from trainer.train import (RunLog, Session, StopRequest, TrainConfig, TrainingInterrupted, TrainState, _fmt,
+                           build_state, check_checkpoint_target, check_config, checkpoint_payload, crossed,
+                           device_name, prepare_store, resolve_device, restore, resumed_batches,
+                           advance_position, train_shards, with_store_episode_type)
+from evalsuite.metrics import score_episodes
+
+SEED_FIELD = "{seed}"  # in --store: each model's own store, e.g. runs/stores/seed{seed}/ME
+
+
+def member_config(cfg: TrainConfig, seed: int) -> TrainConfig:
+    """The single run that model `seed` of the stack is: its seed, store and run folder."""
+    store = cfg.store.replace(SEED_FIELD, str(seed)) if cfg.store else None
+    return replace(cfg, seed=seed, seeds=None, store=store, dir_model=str(Path(cfg.dir_model) / f"seed{seed}"))
+
+
+def seeds_of_rank(seeds: tuple[int, ...], ctx: distributed.DistContext) -> tuple[int, ...]:
+    share = seeds[ctx.rank::ctx.world_size]
+    if not share:
+        raise UserError(f"{ctx.world_size} processes for {len(seeds)} seed(s): give at least as many --seeds as "
+                        "processes")
+    return share
+
+
+def check_stack(cfg: TrainConfig, members: list[TrainConfig], device_type: str) -> None:
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise UserError(f"--seeds lists a seed twice: {','.join(map(str, cfg.seeds))}")
+    if cfg.workers > 1:
+        raise UserError("--workers: a stack reads its models' streams in one loader process; use 0 or 1")
+    if cfg.amp != "none" or cfg.compile:
+        raise UserError("--seeds trains with its own batched recurrence, in fp32: leave out --amp and --compile")
+    for member in members:
+        check_config(member, 1, device_type)
+        check_checkpoint_target(member)
+
+
+@dataclass
+class Member:
+    """One model of the stack: its single-run config, state (synchronised from the stack when saved), store
+    and validation episodes, dropout generator and metrics log."""
+    cfg: TrainConfig
+    state: TrainState
+    session: Session
+    val_records: list[dict]
+    generator: torch.Generator
+    run: RunLog | None = None
+
+
+def build_member(cfg: TrainConfig, device: torch.device, resume: bool) -> Member:
+    manifest = prepare_store(cfg, distributed.DistContext())
+    session = Session(cfg, distributed.DistContext(), device, manifest, episode_store.manifest_sha256(cfg.store_path),
+                      provenance.collect(device_name(device)))
+    state = build_state(cfg, manifest, device)  # torch.manual_seed(seed), then the model: its initial weights
+    if resume:
+        restore(state, cfg, session.manifest_hash, 1)
+    generator = torch.Generator(device=device)
+    if device.type == "cuda":  # a single run draws dropout from the CUDA generator, untouched by the CPU init
+        generator.set_state(torch.cuda.get_rng_state(device) if resume else
+                            torch.Generator(device=device).manual_seed(cfg.seed).get_state())
+    else:
+        generator.set_state(torch.get_rng_state())
+    val = read_records(episode_store.shard_paths(cfg.store_path, "val"))
+    return Member(cfg, state, session, val, generator)
+
+
+def stack_optimizer(stack: StackedMetaSeq2Seq, members: list[Member], lr: float) -> torch.optim.Adam:
+    """One Adam over the stacked weights: element-wise, so M Adams. Resumed moments are stacked."""
+    optimizer = torch.optim.Adam(stack.parameters(), lr=lr, fused=True)
+    singles = [m.state.optimizer.state_dict() for m in members]
+    if singles[0]["state"]:
+        state = {k: {"step": singles[0]["state"][k]["step"],
+                     **{name: torch.stack([s["state"][k][name] for s in singles])
+                        for name in ("exp_avg", "exp_avg_sq")}} for k in singles[0]["state"]}
+        optimizer.load_state_dict({"state": state, "param_groups": singles[0]["param_groups"]})
+    return optimizer
+
+
+def sync_member(member: Member, m: int, stack: StackedMetaSeq2Seq, optimizer: torch.optim.Adam,
+                scheduler, stack_state: TrainState) -> None:
+    """Copy model m's slice of the stack (weights, Adam moments, schedule, position) into its single state."""
+    member.state.model.load_state_dict(stack.model_state_dict(m))
+    full = optimizer.state_dict()
+    sliced = {k: {"step": v["step"].clone(), "exp_avg": v["exp_avg"][m].clone(), "exp_avg_sq": v["exp_avg_sq"][m].clone()}
+              for k, v in full["state"].items()}
+    member.state.optimizer.load_state_dict({"state": sliced, "param_groups": full["param_groups"]})
+    member.state.scheduler.load_state_dict(scheduler.state_dict())
+    for name in ("episodes_done", "steps", "batches", "partial"):
+        setattr(member.state, name, getattr(stack_state, name))
+
+
+def save_member(member: Member) -> None:
+    payload = checkpoint_payload(member.state, member.session)
+    on_cuda = member.session.device.type == "cuda"
+    payload["rng"] = {"torch": torch.get_rng_state() if on_cuda else member.generator.get_state(),
+                      "cuda": member.generator.get_state() if on_cuda else None}
+    member.run.draw()
+    save_checkpoint(member.cfg.checkpoint_path, payload)
+
+
+# ---- the run ------------------------------------------------------------------------------------------------
+
+def train_stack(cfg: TrainConfig) -> dict:
+    """Train the models of `cfg.seeds` that fall to this process; returns their results, keyed by seed."""
+    ctx = distributed.setup(resolve_device(cfg.device).type)
+    try:
+        device = resolve_device(cfg.device, ctx.local_rank)
+        return _train_stack(cfg, seeds_of_rank(tuple(cfg.seeds), ctx), device, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train_stack(cfg: TrainConfig, seeds: tuple[int, ...], device: torch.device, ctx) -> dict:
+    members_cfg = [with_store_episode_type(member_config(cfg, s)) for s in seeds]
+    if len({c.episode_type for c in members_cfg}) > 1:
+        raise UserError("the stores of a stack hold different episode types: one stack holds one experiment")
+    cfg = replace(cfg, episode_type=members_cfg[0].episode_type)  # and with it the default batch size and lr
+    check_stack(cfg, members_cfg, device.type)
+    for member in members_cfg:
+        check_writable_dir(member.checkpoint_path.parent, "--dir_model")
+    use_exact_fp32(device)
+    members = [build_member(c, device, cfg.resume) for c in members_cfg]
+    done = {m.state.episodes_done for m in members}
+    positions = {(m.state.batches, m.state.partial) for m in members}
+    if len(done) > 1 or len(positions) > 1:
+        raise UserError(f"cannot resume the stack: its checkpoints stand at different episodes ({sorted(done)}); "
+                        "resume each on its own, or train them again")
+    members_cfg = [m.cfg for m in members]
+    if members[0].state.episodes_done >= cfg.num_episodes:
+        print(f"the stack of seeds {','.join(map(str, seeds))} is finished: {members[0].state.episodes_done} "
+              "episodes trained; nothing to do", flush=True)
+        return result(members)
+    stack = StackedMetaSeq2Seq([m.state.model for m in members]).to(device)
+    stack.generators = [m.generator for m in members]
+    first = members[0].state
+    stack_state = TrainState(stack, stack_optimizer(stack, members, cfg.lr), episodes_done=first.episodes_done,
+                             steps=first.steps, batches=first.batches, partial=first.partial)
+    stack_state.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        stack_state.optimizer, lambda _: 0.1 ** (stack_state.episodes_done // cfg.lr_decay_schedule))
+    stack_state.scheduler.load_state_dict(first.scheduler.state_dict())
+    for member in members:
+        member.run = RunLog(member.cfg, True, member.state.episodes_done)
+    print(stack_summary(cfg, members, device), flush=True)
+    with StopRequest() as stop:
+        _stack_loop(cfg, stack_state, members, device, stop)
+    return result(members)
+
+
+def result(members: list[Member]) -> dict:
+    return {m.cfg.seed: {"val": m.state.last_val, "episodes_done": m.state.episodes_done,
+                         "checkpoint": str(m.cfg.checkpoint_path), "metrics": str(RunLog.paths(m.cfg)[0])}
+            for m in members}
+
+
+def stack_summary(cfg: TrainConfig, members: list[Member], device: torch.device) -> str:
+    seeds = ",".join(str(m.cfg.seed) for m in members)
+    start = f"resuming from episode {members[0].state.episodes_done}" if cfg.resume else "from scratch"
+    rows = [("device", f"{members[0].session.provenance['device']}, threads {torch.get_num_threads()}"),
+            ("stack", f"{len(members)} models (seeds {seeds}), each {cfg.batch_size} episode(s) per step"),
+            ("episode type", members[0].cfg.episode_type),
+            ("stores", ", ".join(sorted({str(m.cfg.store_path) for m in members}))),
+            ("lr", f"{cfg.lr:g}, x0.1 every {cfg.lr_decay_schedule} episodes seen"),
+            ("episodes", f"{cfg.num_episodes} per model, {start}"),
+            ("runs", f"{Path(cfg.dir_model)}/seed<k>/ (checkpoint every {cfg.checkpoint_every} episodes, "
+                     f"metrics every {cfg.val_every})")]
+    return "\n".join(["training stack:"] + [f"  {name:<13}{value}" for name, value in rows])
+
+
+def stack_streams(members: list[Member], batch_size: int, workers: int) -> list[StreamConfig]:
+    streams = []
+    for member in members:
+        manifest = member.session.manifest
+        tokenizer = Tokenizer(tuple(manifest["input_vocab"]), tuple(manifest["output_vocab"]))
+        shards = train_shards(manifest, member.cfg.store_path, member.cfg, 1)
+        streams.append(StreamConfig(shards=tuple(shards), batch_size=batch_size, tokenizer=tokenizer,
+                                    support_as_queries=not member.cfg.disable_recon_loss, seed=member.cfg.seed,
+                                    workers=workers, by_node=False))
+    if len({s.tokenizer for s in streams}) > 1:
+        raise UserError("the stores of a stack have different vocabularies: one stack holds one episode type")
+    return streams
+
+
+def _stack_loop(cfg: TrainConfig, state: TrainState, members: list[Member], device: torch.device,
+                stop: StopRequest) -> None:
+    streams = stack_streams(members, cfg.batch_size, cfg.workers)
+    batches = resumed_batches(make_stack_loader(streams, cfg.workers, pin_memory=device.type == "cuda"), state)
+    bar = tqdm(total=cfg.num_episodes, initial=state.episodes_done, unit="ep", dynamic_ncols=True,
+               disable=not cfg.progress)
+    target = min(cfg.num_episodes, cfg.stop_after or cfg.num_episodes)
+    saved_at = state.episodes_done if cfg.resume else None
+    try:
+        saved_at = _stack_steps(cfg, state, members, batches, streams[0].tokenizer, device, stop, bar, target,
+                                saved_at)
+    finally:
+        batches.close()
+        bar.close()
+    if state.episodes_done < target:
+        if stop.requested:
+            if state.episodes_done not in (saved_at, 0):
+                save_all(state, members)
+                saved_at = state.episodes_done
+            raise TrainingInterrupted(state.episodes_done, cfg.num_episodes,
+                                      Path(cfg.dir_model) if saved_at is not None else None, True)
+        raise UserError(f"the store ran out after {state.episodes_done} episodes, before {target}")
+
+
+def _stack_steps(cfg, state: TrainState, members: list[Member], batches, tokenizer, device, stop, bar, target,
+                 saved_at):
+    losses, window_start, window_episodes = [], time.perf_counter(), 0
+    follower = threads.LoadFollower(torch.set_num_threads)
+    M = len(members)
+    while state.episodes_done < target and not stop.requested:
+        keys, batch, offset = next(batches, (None, None, 0))
+        if keys is None:
+            break
+        available = len(keys[0])
+        used = min(available, cfg.num_episodes - state.episodes_done)
+        if used < available:  # the last step stops exactly at --num_episodes
+            batch = take_per_model(batch, M, available, used)
+        before = state.episodes_done
+        losses.append(stack_step(state, batch.to(device, non_blocking=True), cfg, used))
+        advance_position(state, offset, used, available, False)
+        follower.poll()
+        window_episodes += used * M
+        bar.update(used)
+        if crossed(before, state.episodes_done, cfg.val_every) or state.episodes_done >= target:
+            rate = window_episodes / (time.perf_counter() - window_start)
+            record_all(state, members, torch.stack(losses).mean(0).tolist(), rate, tokenizer, cfg, device, bar)
+            losses, window_start, window_episodes = [], time.perf_counter(), 0
+        if crossed(before, state.episodes_done, cfg.checkpoint_every) or state.episodes_done >= target:
+            save_all(state, members)
+            saved_at = state.episodes_done
+    return saved_at
+
+
+def take_per_model(batch, M: int, per_model: int, used: int):
+    """The first `used` episodes of each model's `per_model` in a model-major batch."""
+    keep = torch.arange(M * per_model).view(M, per_model)[:, :used].reshape(-1)
+    return type(batch)(**{name: value[keep] for name, value in vars(batch).items()})
+
+
+def stack_step(state: TrainState, batch, cfg: TrainConfig, episodes: int) -> torch.Tensor:
+    """One optimizer step of every model; returns the M losses (detached)."""
+    losses = state.model.loss(batch)                                        # (M,)
+    state.optimizer.zero_grad(set_to_none=True)
+    losses.sum().backward()  # the models share no weight: each gets the gradient of its own loss
+    clip_grad_norms_(state.model, cfg.clip)
+    state.optimizer.step()
+    decays_before = state.episodes_done // cfg.lr_decay_schedule
+    state.episodes_done += episodes
+    state.steps += 1
+    if cfg.reset_adam_at_decay and state.episodes_done // cfg.lr_decay_schedule > decays_before:
+        state.optimizer.state.clear()
+    state.scheduler.step()
+    return losses.detach().cpu()
+
+
+def record_all(state: TrainState, members: list[Member], losses: list[float], rate: float, tokenizer, cfg,
+               device, bar) -> None:
+    scores = validate_stack(state.model, [m.val_records for m in members], tokenizer, cfg.max_length_eval, device)
+    lr = state.optimizer.param_groups[0]["lr"]
+    for member, loss, val in zip(members, losses, scores):
+        member.state.episodes_done, member.state.last_val = state.episodes_done, val
+        member.run.record_row(member.state, rate, loss, lr)
+    gen = " ".join(_fmt(v["generalization"]) for v in scores)
+    message = (f"episode {state.episodes_done} | {rate:.1f} episodes/s (all models) | loss "
+               f"{sum(losses) / len(losses):.4f} (mean) | val generalization per seed: {gen}")
+    print(message, flush=True) if bar.disable else bar.write(message)
+
+
+def save_all(state: TrainState, members: list[Member]) -> None:
+    for m, member in enumerate(members):
+        sync_member(member, m, state.model, state.optimizer, state.scheduler, state)
+        save_member(member)
+
+
+@torch.no_grad()
+def validate_stack(stack: StackedMetaSeq2Seq, records: list[list[dict]], tokenizer: Tokenizer, max_length: int,
+                   device: torch.device, episodes_per_batch: int = 16) -> list[dict]:
+    """Each model's validation scores on its own episodes, all models decoded together."""
+    count = len(records[0])
+    if any(len(r) != count for r in records):
+        raise UserError("the stores of a stack hold different numbers of validation episodes")
+    was_training = stack.training
+    stack.eval()
+    try:
+        per_model = [[] for _ in records]
+        for start in range(0, count, episodes_per_batch):
+            chunks = [r[start:start + episodes_per_batch] for r in records]
+            batch = collate_episodes([r for chunk in chunks for r in chunk], tokenizer, True).to(device)
+            decoded = strip_decoded(stack.greedy_decode(batch, max_length))
+            k = len(chunks[0])
+            for m, chunk in enumerate(chunks):
+                per_model[m] += [score_record(r, p, tokenizer) for r, p in zip(chunk, decoded[m * k:(m + 1) * k])]
+    finally:
+        stack.train(was_training)
+    return [{k: s[k] for k in ("accuracy", "retrieval", "generalization", "n_episodes")}
+            for s in map(score_episodes, per_model)]
