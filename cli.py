@@ -226,7 +226,11 @@ def predict(commands: tuple[str, ...], **kwargs) -> None:
 @click.option("--variants", default="full", show_default=True,
               help="Comma-separated: full, no_memory, no_attention, no_support_loss (the paper's ablations).")
 @click.option("--jobs", type=int, default=1, show_default=True,
-              help="Runs at the same time, as separate processes; the threads are split between them.")
+              help="Stacks (or runs, with --separate) and evaluations at the same time, as separate processes; "
+                   "the threads are split between them.")
+@click.option("--stack_size", type=int, default=16, show_default=True,
+              help="Most seeds of one experiment and variant trained as one stack (train --seeds), one process.")
+@click.option("--separate", is_flag=True, help="Train every run in its own process instead of in stacks.")
 @click.option("--out", default="runs", show_default=True, help="Runs go to OUT/<experiment>/<variant>/seed<k>/.")
 @click.option("--threads", type=int, default=None,
               help="Threads for the whole grid, split over the jobs.  [default: all cores; one job alone adapts "

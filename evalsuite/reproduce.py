@@ -5,8 +5,12 @@ with `--seed k` (model init and data order), so the spread over seeds is honest.
 `OUT/<experiment>/<variant>/seed<k>/`: the checkpoint, its metrics log and curve, the eval report in `eval/`,
 the train and eval logs, and `run.json` (what was run, how long it took, how it ended).
 
-Runs are separate `cli.py train` / `cli.py eval` processes, `--jobs` at a time with the threads split between
-them: a failed run cannot take the others down, and a killed grid leaves each run's last checkpoint behind.
+The seeds of one (experiment, variant) train as one stack by default: one `cli.py train --seeds` process
+(trainer/train_stack.py) trains up to `--stack_size` of them at once, each exactly the run `--seed k` would
+make, and writes each run's files into the run's own folder. `--separate` trains every run in its own process
+instead. Evaluations are separate `cli.py eval` processes. Stacks and evaluations run `--jobs` at a time with
+the threads split between them: a failed job cannot take the others down, and a killed grid leaves each run's
+last checkpoint behind.
 Run again with the same arguments, a grid skips finished runs, resumes interrupted ones and evaluates
 trained ones, so nothing is lost and nothing is done twice. The aggregate (aggregate.py) comes at the end.
 """
@@ -33,6 +37,7 @@ from pipeline.shardio import check_writable_dir, file_sha256, write_bytes_atomic
 from pipeline.threads import usable_cores
 from trainer.checkpoint import load_checkpoint
 from trainer.train import LEGACY_SETTINGS, TrainConfig
+from trainer.train_stack import SEED_FIELD
 
 # The paper's ablations, as flags of `cli.py train`.
 VARIANT_FLAGS = {  # keys in the order of aggregate.VARIANTS
@@ -75,6 +80,8 @@ class ReproduceConfig:
     attend_query_padding: bool = False
     reset_adam_at_decay: bool = False
     num_val_episodes: int = 5
+    stack_size: int = 16                # most seeds trained in one stack
+    separate: bool = False             # every run in its own `train` process (no stacks)
 
     def __post_init__(self):
         check_grid(self)
@@ -105,6 +112,11 @@ def check_grid(cfg: ReproduceConfig) -> None:
         raise UserError(f"--jobs and --threads must be at least 1, got {cfg.jobs} and {cfg.threads}")
     if cfg.num_episodes < 1:
         raise UserError(f"--num_episodes must be positive, got {cfg.num_episodes}")
+    if cfg.stack_size < 1:
+        raise UserError(f"--stack_size must be at least 1, got {cfg.stack_size}")
+    if not cfg.separate and (cfg.amp not in (None, "none") or (cfg.workers or 0) > 1):
+        raise UserError("stacks train in fp32 with one loader process: leave out --amp and --workers above 1, or "
+                        "pass --separate")
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -216,6 +228,16 @@ def train_command(cfg: ReproduceConfig, run: Run, resume: bool) -> list[str]:
     return [sys.executable, "-m", "cli", "train", *cli_args(flags)]
 
 
+def stack_train_command(cfg: ReproduceConfig, runs: list[Run], resume: bool) -> list[str]:
+    """One `train --seeds` for runs of one (experiment, variant): each model's store and folder by its seed."""
+    first = runs[0]
+    flags = {"episode_type": first.experiment, "store": str(store_path(cfg, first.experiment, SEED_FIELD)),
+             "seeds": ",".join(str(r.seed) for r in runs), "dir_model": str(first.dir(cfg.out).parent),
+             "threads": cfg.threads_per_job, **VARIANT_FLAGS[first.variant], **cfg.train_flags(),
+             "no_generate": True, "no_progress": True, "resume": resume}
+    return [sys.executable, "-m", "cli", "train", *cli_args(flags)]
+
+
 def eval_command(cfg: ReproduceConfig, run: Run) -> list[str]:
     flags = {"checkpoint": str(run.checkpoint(cfg.out)), "out": str(run.eval_dir(cfg.out)),
              "threads": cfg.threads_per_job, "device": cfg.device, "no_progress": True}
@@ -248,9 +270,40 @@ class RunRecord:
         write_bytes_atomically(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
 
 
+@dataclass(frozen=True)
+class Job:
+    """What one worker of the grid does: train `runs` (one run, or the seeds of one stack) if they need it,
+    then evaluate each."""
+    runs: tuple[Run, ...]
+    stacked: bool
+
+    @property
+    def name(self) -> str:
+        first = self.runs[0]
+        if len(self.runs) == 1:
+            return first.name
+        return f"{first.experiment}/{first.variant}/seeds{','.join(str(r.seed) for r in self.runs)}"
+
+
+def plan_jobs(cfg: ReproduceConfig, todo: list[Run], states: dict[Run, RunState]) -> list[Job]:
+    """Runs that train together form stacks: one experiment and variant, and one starting point (new, or
+    resumed from the same episode), at most stack_size seeds each. Runs trained already are evaluated alone."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in todo:
+        state = states[run]
+        trains = state.status in ("new", "partial")
+        key = (run.experiment, run.variant, state.episodes_done if trains else None, trains and not cfg.separate)
+        groups.setdefault(key, []).append(run)
+    jobs = []
+    for (_, _, _, stacked), runs in groups.items():
+        size = cfg.stack_size if stacked else 1
+        jobs += [Job(tuple(runs[i:i + size]), stacked) for i in range(0, len(runs), size)]
+    return jobs
+
+
 class Grid:
-    """Runs the runs, `jobs` at a time; on Ctrl-C or SIGTERM it stops starting runs and lets the running
-    ones checkpoint (they get SIGINT), then exits 130."""
+    """Runs the jobs, `jobs` at a time; on Ctrl-C or SIGTERM it stops starting them and lets the running ones
+    checkpoint (they get SIGINT), then exits 130."""
 
     def __init__(self, cfg: ReproduceConfig, say):
         self.cfg, self.say = cfg, say
@@ -258,10 +311,9 @@ class Grid:
         self.children: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
 
-    def step(self, run: Run, record: RunRecord, name: str, command: list[str]) -> int:
-        """Run one `cli.py` subprocess, its output appended to the run's `<name>.log`; returns its exit code."""
+    def step(self, records: dict[Run, "RunRecord"], name: str, command: list[str], log_path: Path) -> int:
+        """Run one `cli.py` subprocess, its output appended to `log_path`; the attempt goes into every record."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        log_path = run.dir(self.cfg.out) / f"{name}.log"
         start = time.time()
         with open(log_path, "a") as log:
             log.write(f"$ {' '.join(command)}\n")
@@ -274,33 +326,53 @@ class Grid:
             with self.lock:
                 self.children.discard(child)
         seconds = time.time() - start
-        setattr(record, f"{name}_seconds", round(getattr(record, f"{name}_seconds") + seconds, 1))
-        record.attempts.append({"step": name, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
-                                "seconds": round(seconds, 1), "exit_code": code})
+        attempt = {"step": name, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
+                   "seconds": round(seconds, 1), "exit_code": code}
+        if len(records) > 1:  # a stack: every model trained for the whole of this time
+            attempt |= {"stack": [run.seed for run in records], "log": str(log_path.relative_to(self.cfg.out))}
+        for record in records.values():
+            setattr(record, f"{name}_seconds", round(getattr(record, f"{name}_seconds") + seconds, 1))
+            record.attempts.append(dict(attempt))
         return code
 
-    def execute(self, run: Run, state: RunState) -> RunRecord:
-        record = RunRecord.load(self.cfg, run)
-        run.dir(self.cfg.out).mkdir(parents=True, exist_ok=True)
-        record.error = None
-        steps = []
-        if state.status in ("new", "partial"):
-            steps.append(("train", train_command(self.cfg, run, resume=state.status == "partial")))
-        if state.status != "done":
-            steps.append(("eval", eval_command(self.cfg, run)))
-        for name, command in steps:
-            if self.stopping.is_set():
+    def execute(self, job: Job, states: dict[Run, RunState]) -> dict[Run, "RunRecord"]:
+        records = {run: RunRecord.load(self.cfg, run) for run in job.runs}
+        for run, record in records.items():
+            run.dir(self.cfg.out).mkdir(parents=True, exist_ok=True)
+            record.error = None
+        first = job.runs[0]
+        if states[first].status in ("new", "partial"):
+            resume = states[first].status == "partial"
+            if job.stacked:
+                command = stack_train_command(self.cfg, list(job.runs), resume)
+                log = first.dir(self.cfg.out).parent / f"train-seeds{'_'.join(str(r.seed) for r in job.runs)}.log"
+            else:
+                command, log = train_command(self.cfg, first, resume), first.dir(self.cfg.out) / "train.log"
+            if not self.run_step(records, "train", command, log):
+                return self.saved(records)
+        for run, record in records.items():
+            if self.run_step({run: record}, "eval", eval_command(self.cfg, run), run.dir(self.cfg.out) / "eval.log"):
+                record.status = "done"
+        return self.saved(records)
+
+    def run_step(self, records: dict[Run, "RunRecord"], name: str, command: list[str], log: Path) -> bool:
+        """Whether the step succeeded; if not, why goes into every record."""
+        if self.stopping.is_set():
+            for record in records.values():
                 record.status = "interrupted"
-                break
-            code = self.step(run, record, name, command)
-            if code != 0:
-                record.status = "interrupted" if code == EXIT_INTERRUPTED or self.stopping.is_set() else "failed"
-                record.error = f"{name} exited {code}: {last_line(run.dir(self.cfg.out) / f'{name}.log')}"
-                break
-        else:
-            record.status = "done"
-        record.save(self.cfg, run)
-        return record
+            return False
+        code = self.step(records, name, command, log)
+        if code == 0:
+            return True
+        for record in records.values():
+            record.status = "interrupted" if code == EXIT_INTERRUPTED or self.stopping.is_set() else "failed"
+            record.error = f"{name} exited {code}: {last_line(log)}"
+        return False
+
+    def saved(self, records: dict[Run, "RunRecord"]) -> dict[Run, "RunRecord"]:
+        for run, record in records.items():
+            record.save(self.cfg, run)
+        return records
 
     def interrupt(self) -> None:
         self.stopping.set()
@@ -335,7 +407,8 @@ def reproduce(cfg: ReproduceConfig, say=print) -> dict:
             say(f"[skip] {run.name}: finished, evaluated")
     prepare_stores(cfg, [r for r in todo if states[r].status in ("new", "partial")], say)
     grid = Grid(cfg, say)
-    interrupted = _run_all(grid, todo, states, say, total=len(runs), done=len(runs) - len(todo))
+    interrupted = _run_all(grid, plan_jobs(cfg, todo, states), states, say, total=len(runs),
+                           done=len(runs) - len(todo))
     summary = aggregate_grid(cfg.out, runs, vars(cfg))
     say(f"aggregate: {summary['paths']['md']}")
     if interrupted:
@@ -347,24 +420,28 @@ def _raise_interrupt(*_):
     raise KeyboardInterrupt
 
 
-def _run_all(grid: Grid, todo: list[Run], states: dict, say, total: int, done: int) -> bool:
+def _run_all(grid: Grid, jobs: list[Job], states: dict, say, total: int, done: int) -> bool:
     """Returns whether the grid was interrupted (Ctrl-C, or SIGTERM handled as Ctrl-C)."""
     # SIGINT too, explicitly: a process started in the background by a shell (`cmd &`, nohup) inherits SIGINT
     # ignored, and Python then leaves it ignored, so `kill -INT` would not stop the grid.
     previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     pool = ThreadPoolExecutor(max_workers=grid.cfg.jobs)
     try:
-        for run in todo:
-            if states[run].status == "partial":
-                say(f"[resume] {run.name}: from episode {states[run].episodes_done}")
-        futures = {pool.submit(grid.execute, run, states[run]): run for run in todo}
+        for job in jobs:
+            for run in job.runs:
+                if states[run].status == "partial":
+                    say(f"[resume] {run.name}: from episode {states[run].episodes_done}")
+            if job.stacked and len(job.runs) > 1:
+                say(f"[stack] {job.name}: {len(job.runs)} seeds trained as one stack")
+        futures = {pool.submit(grid.execute, job, states): job for job in jobs}
         pending = set(futures)
         while pending:
             try:
                 finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    done += 1
-                    say(f"[{done}/{total}] {futures[future].name}: {describe(future.result(), grid.cfg, futures[future])}")
+                    for run, record in future.result().items():
+                        done += 1
+                        say(f"[{done}/{total}] {run.name}: {describe(record, grid.cfg, run)}")
             except KeyboardInterrupt:
                 if not grid.stopping.is_set():
                     say("interrupted: the running runs write a checkpoint; no new run starts")

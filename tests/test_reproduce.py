@@ -41,8 +41,10 @@ def test_a_tiny_grid_writes_every_file(tiny_grid):
             run = Run(experiment, "full", seed)
             folder = run.dir(out)
             for name in (f"net_{experiment}.pt", f"net_{experiment}.metrics.jsonl", f"net_{experiment}.curve.png",
-                         "run.json", "train.log", "eval.log", "eval/results.json", "eval/predictions_validation.jsonl"):
+                         "run.json", "eval.log", "eval/results.json", "eval/predictions_validation.jsonl"):
                 assert (folder / name).is_file(), folder / name
+            assert (folder.parent / "train-seeds0_1.log").is_file()  # the two seeds trained as one stack
+            assert json.loads((folder / "run.json").read_text())["attempts"][0]["stack"] == [0, 1]
             assert json.loads((folder / "run.json").read_text())["status"] == "done"
             ckpt = torch.load(run.checkpoint(out), weights_only=True)
             assert ckpt["train_config"]["seed"] == seed and ckpt["episodes_done"] == 48
@@ -51,6 +53,7 @@ def test_a_tiny_grid_writes_every_file(tiny_grid):
     for name in ("results.json", "results.md", "results.png"):
         assert (out / name).stat().st_size > 0
     assert result.stdout.count("done (train") == 4  # a progress line per finished run
+    assert result.stdout.count("[stack]") == 2
     table = (out / "results.md").read_text()
     assert "| ME | full |" in table and "| scan_around_right | full |" in table and "(n=2)" in table
     assert "Trained on: cpu (" in table and "(4 runs)" in table  # where the runs trained, not only aggregated
@@ -136,7 +139,8 @@ def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
     """Seed 0 finishes; seed 1 is interrupted mid-training; the same command then finishes only seed 1, from its
     checkpoint, and the metrics show no episode trained twice."""
     args = ["--experiments", "ME", "--seeds", "0,1", "--jobs", "1", "--num_episodes", "1600", "--emb_size", "16",
-            "--nlayers", "1", "--batch_size", "8", "--threads", "1", "--val_every", "80", "--checkpoint_every", "80"]
+            "--nlayers", "1", "--batch_size", "8", "--threads", "1", "--val_every", "80", "--checkpoint_every", "80",
+            "--separate"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Started as a shell starts `cmd &` (SIGINT ignored, which Python keeps): `kill -INT` must stop it all the same.
     grid = subprocess.Popen([sys.executable, "cli.py", "reproduce", "--out", str(tmp_path), *args], cwd=ROOT,
@@ -164,6 +168,48 @@ def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
     episodes = [json.loads(line)["episodes"] for line in open(second.dir(tmp_path) / "net_ME.metrics.jsonl")]
     assert episodes == sorted(set(episodes)) and episodes[-1] == 1600  # increasing: nothing trained twice
     assert json.loads((second.dir(tmp_path) / "run.json").read_text())["status"] == "done"
+
+
+def test_a_killed_stack_resumes_every_seed_from_its_checkpoint(tmp_path):
+    """Two seeds in one stack, interrupted mid-training: both checkpoint at the same episode, and the same
+    command resumes the stack from there; no episode is trained twice."""
+    args = ["--experiments", "ME", "--seeds", "0,1", "--num_episodes", "800", "--emb_size", "16", "--nlayers", "1",
+            "--threads", "1", "--val_every", "40", "--checkpoint_every", "40", "--num_val_episodes", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    grid = subprocess.Popen([sys.executable, "cli.py", "reproduce", "--out", str(tmp_path), *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = [Run("ME", "full", 0), Run("ME", "full", 1)]
+    deadline = time.time() + 300
+    while not runs[1].checkpoint(tmp_path).is_file() and time.time() < deadline and grid.poll() is None:
+        time.sleep(0.05)
+    grid.send_signal(signal.SIGINT)
+    _, stderr = grid.communicate(timeout=120)
+    assert grid.returncode == 130, stderr
+    stopped = {torch.load(r.checkpoint(tmp_path), weights_only=True)["episodes_done"] for r in runs}
+    assert len(stopped) == 1 and 0 < min(stopped) < 800, stopped
+    again = subprocess.run([sys.executable, "cli.py", "reproduce", "--out", str(tmp_path), *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    for run in runs:
+        assert f"[resume] {run.name}: from episode {min(stopped)}" in again.stdout
+        assert torch.load(run.checkpoint(tmp_path), weights_only=True)["episodes_done"] == 800
+        episodes = [json.loads(line)["episodes"] for line in open(run.dir(tmp_path) / "net_ME.metrics.jsonl")]
+        assert episodes == list(range(40, 801, 40))
+        assert json.loads((run.dir(tmp_path) / "run.json").read_text())["status"] == "done"
+
+
+def test_stacks_are_planned_by_experiment_variant_and_starting_point(tmp_path):
+    from evalsuite.reproduce import ReproduceConfig, RunState, plan_jobs
+    cfg = ReproduceConfig(experiments=("ME",), seeds=(0, 1, 2, 3, 4), variants=("full", "no_memory"), stack_size=2)
+    runs = [Run("ME", v, s) for v in ("full", "no_memory") for s in range(5)]
+    states = {r: RunState("new") for r in runs}
+    states[Run("ME", "full", 4)] = RunState("partial", 300)
+    states[Run("ME", "no_memory", 0)] = RunState("trained", 10000)
+    jobs = [(j.name, j.stacked) for j in plan_jobs(cfg, runs, states)]
+    assert jobs == [("ME/full/seeds0,1", True), ("ME/full/seeds2,3", True), ("ME/full/seed4", True),
+                    ("ME/no_memory/seed0", False), ("ME/no_memory/seeds1,2", True), ("ME/no_memory/seeds3,4", True)]
+    separate = ReproduceConfig(experiments=("ME",), seeds=(0, 1), separate=True)
+    assert [len(j.runs) for j in plan_jobs(separate, runs[:2], states)] == [1, 1]
 
 
 def test_threads_per_job_split_the_cores_and_a_lone_job_adapts(tmp_path):
