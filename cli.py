@@ -111,7 +111,7 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
 @click.option("--disable_recon_loss", is_flag=True, help="Do not add the support items as queries.")
 @click.option("--attend_query_padding", is_flag=True,
               help="As the original code: the decoder attention also covers the padded steps of an episode's "
-                   "shorter queries (default: masked, as DESIGN.md says).")
+                   "shorter queries (default: masked, as docs/method.md says).")
 @click.option("--reset_adam_at_decay", is_flag=True,
               help="As the original code: each lr decay starts Adam afresh (its moment estimates are reset).")
 @click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes per process.")

@@ -22,7 +22,7 @@ RUN_RECORD = "run.json"
 VARIANTS = ("full", "no_memory", "no_attention", "no_support_loss")  # the paper's ablations after the full model
 VAL_GENERALIZATION, VAL_RETRIEVAL = "validation_generalization", "validation_retrieval"
 
-# The paper's numbers for the full model, as widely cited (DESIGN.md): ME is solved (100% on held-out
+# The paper's numbers for the full model, as widely cited (docs/method.md): ME is solved (100% on held-out
 # episodes); add jump is reported for permutation meta-training; around right is cited as 98.71 or 99.9.
 PAPER = {
     ("ME", VAL_GENERALIZATION): 100.0,

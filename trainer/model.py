@@ -39,7 +39,7 @@ class ModelConfig:
     disable_attention: bool = False
     # The original code's decoder attention also covered the padded steps of the shorter queries of an episode
     # (up to the episode's longest query), where c_t = tanh(W [0; mean of the support values] + b): with this
-    # on, ours does the same per episode, whatever else shares the batch. Off: padding masked (DESIGN.md).
+    # on, ours does the same per episode, whatever else shares the batch. Off: padding masked (docs/method.md).
     attend_query_padding: bool = False
 
     def __post_init__(self):

@@ -40,7 +40,7 @@ from trainer.precision import check_amp, use_exact_fp32
 # through the lr decay on seeds 1 and 2 (15% and 11% at 10,000); B=1 left it on all three seeds before the
 # decay and reached 100% on seeds 1 and 2 (seed 0: about 70%); over seeds 0-4, B=1 reaches 100% on 3 of 5, the
 # original's exact training (--attend_query_padding --reset_adam_at_decay) on 4 of 5, each failing a seed the
-# other solves, and the padded attention alone on 7 of 11, so the default stays as DESIGN.md has it:
+# other solves, and the padded attention alone on 7 of 11, so the default stays as docs/method.md has it:
 # docs/results.md (which also shows the original code leaving the plateau earlier, for a reason not yet found).
 # Other batch sizes are for experiments: they get lr 2e-3 unless --lr says otherwise.
 PAPER_LR, BATCHED_LR = 1e-3, 2e-3
@@ -76,7 +76,7 @@ class TrainConfig:
     disable_memory: bool = False
     disable_attention: bool = False
     disable_recon_loss: bool = False
-    # The original's decoder attention over padded query steps (model.py). Off, as DESIGN.md says: on ME,
+    # The original's decoder attention over padded query steps (model.py). Off, as docs/method.md says: on ME,
     # alone or with reset_adam_at_decay, it did not separate from the default over seeds (docs/results.md).
     attend_query_padding: bool = False
     reset_adam_at_decay: bool = False   # as the original, which rebuilt Adam at each decay: fresh moments
