@@ -22,8 +22,11 @@ from pipeline.threads import SPIN_VAR, WAIT_POLICY_VAR
 from trainer.checkpoint import load_checkpoint
 from trainer.data import StreamConfig, Tokenizer, make_loader
 from trainer.precision import amp_problem, use_exact_fp32
-from trainer.train import (RESUME_KEYS, StopRequest, TrainConfig, TrainState, resumed_batches, store_layout,
-                           train, train_shards)
+from trainer.config import RESUME_KEYS, TrainConfig
+from trainer.signals import StopRequest
+from trainer.state import TrainState
+from trainer.stores import store_layout, train_shards
+from trainer.train import resumed_batches, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(emb_size=16, nlayers=1, dropout=0.5, batch_size=8, progress=False, val_every=8, checkpoint_every=1000,

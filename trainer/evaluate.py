@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from evalsuite.metrics import QueryResult
 from trainer.data import Tokenizer, collate_episodes
+from trainer.metrics import QueryResult
 from trainer.model import MetaSeq2Seq, strip_decoded
 
 

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from evalsuite.metrics import score_episodes  # noqa: E402
 from pipeline.samplers import ME_INPUTS, ME_OUTPUTS, MESampler, pairing_identifier  # noqa: E402
 from pipeline.store import shard_paths  # noqa: E402
 from trainer.checkpoint import load_checkpoint  # noqa: E402
 from trainer.data import Tokenizer, read_records  # noqa: E402
 from trainer.evaluate import decode_records  # noqa: E402
+from trainer.metrics import score_episodes  # noqa: E402
 from trainer.model import MetaSeq2Seq, ModelConfig  # noqa: E402
 
 
