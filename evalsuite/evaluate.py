@@ -170,14 +170,14 @@ def _items(items: list[dict]) -> list[tuple[str, str]]:
 
 
 def encoded(support: list[tuple[str, str]], queries: list[tuple[str, str]], tokenizer: Tokenizer) -> Episode:
-    support_ids = [(tokenizer.encode_input(i), tokenizer.encode_output(o)) for i, o in support]
+    support_ids = tokenizer.encode_pairs(support)
     return Episode(support, queries, support_ids, [tokenizer.encode_input(i) for i, _ in queries])
 
 
 def scan_file_task(path: str, support_spec: str, tokenizer: Tokenizer) -> SplitTask:
     support = parse_support(support_spec)
     try:
-        support_ids = [(tokenizer.encode_input(i), tokenizer.encode_output(o)) for i, o in support]
+        support_ids = tokenizer.encode_pairs(support)
     except UserError as err:
         raise UserError(f"--support: {err}") from None
     queries, query_ids = [], []
