@@ -61,10 +61,11 @@ def cli() -> None:
 @click.option("--workers", type=int, default=GenerateConfig.workers, show_default=True,
               help="Processes; the output bytes do not depend on it.")
 @click.option("--out", default=GenerateConfig.out, show_default=True, help="The store goes to OUT/<episode_type>.")
+@click.option("--store", default=None, help="The store directory itself, instead of OUT/<episode_type>.")
 @click.option("--overwrite", is_flag=True, help="Replace a store that was made with other parameters.")
 @click.option("--progress/--no_progress", default=True, help="Show a progress bar.")
 def generate(**kwargs) -> None:
-    """Generate the episode store OUT/<episode_type>: shards, manifest.json, dataset card."""
+    """Generate the episode store OUT/<episode_type> (or --store): shards, manifest.json, dataset card."""
     click.echo(generate_store(GenerateConfig(**kwargs)))
 
 

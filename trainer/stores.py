@@ -2,6 +2,7 @@
 training shards of each process."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from pipeline import store as episode_store
@@ -29,13 +30,14 @@ def prepare_store(cfg: TrainConfig, ctx: distributed.DistContext) -> dict:
     if not (path / "manifest.json").is_file():
         if not cfg.generate_missing_store:
             raise UserError(f"no episode store at {path}; create it with "
-                            f"`python cli.py generate --episode_type {cfg.episode_type}`")
+                            f"`{generate_command(cfg, path, ctx.world_size)}`")
         if ctx.is_main:
             generate_store(cfg, path, ctx.world_size)
         distributed.barrier(ctx)
     problems = episode_store.verify_store(path)
     if problems:
-        raise UserError(f"store {path} fails verification: {problems[0]} (run `python cli.py verify --store {path}`)")
+        raise UserError(f"store {path} fails verification: {problems[0]} "
+                        f"(run `python cli.py verify --store {shlex.quote(str(path))}`)")
     manifest = episode_store.load_manifest(path)
     if manifest["episode_type"] != cfg.episode_type:
         raise UserError(f"store {path} holds {manifest['episode_type']} episodes, not {cfg.episode_type}")
@@ -52,25 +54,34 @@ def generate_store(cfg: TrainConfig, path: Path, world_size: int) -> None:
         store=str(path), progress=cfg.progress))
 
 
-def regenerate_command(manifest: dict, store: Path, parts: int) -> str:
-    """The `generate` line that rebuilds `store` with shards enough for `parts` processes x workers."""
+def generate_command(cfg: TrainConfig, store: Path, world_size: int) -> str:
+    """The `generate` line (quoted for the shell) that makes the store `store` as train would have made it."""
+    episodes, shard_size = store_layout(cfg.num_episodes, world_size * max(1, cfg.workers))
+    return shlex.join(["python", "cli.py", "generate", "--episode_type", cfg.episode_type, "--num_episodes",
+                       str(episodes), "--seed", str(cfg.seed), "--shard_size", str(shard_size), "--store", str(store)])
+
+
+def regenerate_command(manifest: dict, store: Path, parts: int, num_episodes: int | None = None) -> str:
+    """The `generate` line (quoted for the shell) that rebuilds `store`, that very directory, with the
+    parameters of its manifest, `num_episodes` (default: as many as now) and shards enough for `parts`
+    processes x workers."""
     params = manifest.get("params", {})
-    episodes, shard_size = store_layout(manifest["counts"]["train"], parts)
-    command = (f"python cli.py generate --episode_type {manifest['episode_type']} --num_episodes {episodes} "
-               f"--num_val_episodes {params.get('num_val_episodes', 5)} --seed {params.get('seed', 0)} "
-               f"--shard_size {shard_size} --out {store.parent} --overwrite")
-    if store.name != manifest["episode_type"]:
-        command += f" (it writes {store.parent / manifest['episode_type']}; move that to {store})"
-    return command
+    defaults = episode_store.GenerateConfig
+    episodes, shard_size = store_layout(num_episodes or manifest["counts"]["train"], parts,
+                                        params.get("shard_size", defaults.shard_size))
+    return shlex.join([
+        "python", "cli.py", "generate", "--episode_type", manifest["episode_type"], "--num_episodes", str(episodes),
+        "--num_val_episodes", str(params.get("num_val_episodes", defaults.num_val_episodes)),
+        "--seed", str(params.get("seed", defaults.seed)), "--shard_size", str(shard_size), "--store", str(store),
+        "--overwrite"])
 
 
 def train_shards(manifest: dict, store: Path, cfg: TrainConfig, world_size: int) -> list[str]:
     available = manifest["counts"]["train"]
     if cfg.num_episodes > available:
+        command = regenerate_command(manifest, store, world_size * max(1, cfg.workers), cfg.num_episodes)
         raise UserError(f"--num_episodes {cfg.num_episodes} is more than the {available} training episodes in "
-                        f"{store}; episodes are never repeated silently: generate a larger store with "
-                        f"`python cli.py generate --episode_type {cfg.episode_type} --num_episodes "
-                        f"{cfg.num_episodes} --overwrite`")
+                        f"{store}; episodes are never repeated silently: generate a larger store with `{command}`")
     entries = sorted((s for s in manifest["shards"] if s["split"] == "train"), key=lambda s: s["name"])
     # Each process reads every world_size-th shard (webdataset.split_by_node); the smallest share bounds
     # how far the processes can go together.

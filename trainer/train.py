@@ -13,6 +13,7 @@ The rest of a run lives beside this loop: config.py (the settings and their chec
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -21,8 +22,8 @@ from tqdm import tqdm
 from pipeline import provenance, threads
 from pipeline import store as episode_store
 from pipeline.errors import UserError
-from pipeline.shardio import check_writable_dir
 from trainer import distributed
+from trainer.checkpoint import claim_checkpoint
 from trainer.config import TrainConfig, check_checkpoint_target, check_config, with_store_episode_type
 from trainer.data import StreamConfig, Tokenizer, make_loader, read_records
 from trainer.device import device_name, resolve_device
@@ -93,12 +94,16 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device) -> dict:
-    # Every check that can fail comes before the first file is written.
+    # Every check that can fail comes before the first file is written. The first write is the checkpoint's
+    # lock (one train per checkpoint); a run that fails before training leaves no new --dir_model behind.
     cfg = with_store_episode_type(cfg)
     check_config(cfg, ctx.world_size, device.type)
-    check_checkpoint_target(cfg)
-    if ctx.is_main:
-        check_writable_dir(cfg.checkpoint_path.parent, "--dir_model")
+    with claim_checkpoint(cfg.checkpoint_path) if ctx.is_main else contextlib.nullcontext():
+        check_checkpoint_target(cfg)
+        return _run(cfg, ctx, device)
+
+
+def _run(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device) -> dict:
     use_exact_fp32(device)
     manifest = prepare_store(cfg, ctx)
     session = Session(cfg, ctx, device, manifest, episode_store.manifest_sha256(cfg.store_path),
@@ -113,10 +118,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device)
     run = RunLog(cfg, ctx.is_main, state.episodes_done)
     if ctx.is_main:
         print(summary(state, session, run), flush=True)
-    loss_module = LossWrapper(torch.compile(state.model) if cfg.compile else state.model)
-    if ctx.active:
-        loss_module = torch.nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_module = loss_module_for(state.model, cfg, ctx, device)
     stream = StreamConfig(shards=tuple(shards), batch_size=cfg.batch_size // ctx.world_size, tokenizer=tokenizer,
                           support_as_queries=not cfg.disable_recon_loss, seed=cfg.seed, workers=cfg.workers)
     val_records = read_records(episode_store.shard_paths(cfg.store_path, "val"))
@@ -124,6 +126,15 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device)
         _loop(state, session, loss_module, stream, val_records, tokenizer, run, stop)
     return {"val": state.last_val, "episodes_done": state.episodes_done, "checkpoint": str(cfg.checkpoint_path),
             "metrics": str(run.metrics_path), "is_main": ctx.is_main}
+
+
+def loss_module_for(model, cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device):
+    """What a step calls for the loss: the model (compiled with --compile), under DDP with several processes."""
+    loss_module = LossWrapper(torch.compile(model) if cfg.compile else model)
+    if ctx.active:
+        loss_module = torch.nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    return loss_module
 
 
 def finished_already(state: TrainState, session: Session) -> dict:
