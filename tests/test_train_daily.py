@@ -336,7 +336,7 @@ def test_reset_adam_at_decay_starts_adam_again_at_each_decay(store, tmp_path):
         assert ckpt["scheduler"]["_last_lr"][0] == pytest.approx(ckpt["train_config"]["lr"] * 0.1)
 
 
-# ---- 10. one train per checkpoint; a failed train leaves nothing; advice that rebuilds the store -------------
+# ---- 10. one train per checkpoint; a failed train leaves nothing; advice that rebuilds the store; --gpu ------
 
 def test_a_second_train_on_the_same_checkpoint_fails_at_once_in_one_line(store, tmp_path, capsys):
     args = ["--store", str(store), "--dir_model", str(tmp_path), "--num_episodes", "400", *CLI_TINY]
@@ -391,3 +391,23 @@ def test_the_advice_for_a_store_too_small_rebuilds_that_store(tmp_path, capsys):
     assert manifest["params"]["num_val_episodes"] == 3 and manifest["params"]["shard_size"] == 20
     assert not (tmp_path / "m").exists() and not (ROOT / "shards" / "store x").exists()
 
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpu", "1", "--device", "cpu"], "--gpu 1 conflicts with --device cpu"),
+    (["--gpu", "1", "--device", "cuda:0"], "--gpu 1 conflicts with --device cuda:0"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+])
+def test_gpu_and_device_that_disagree_are_one_line(store, tmp_path, capsys, flags, message):
+    code = run_cli(cli, ["train", "--store", str(store), "--dir_model", str(tmp_path / "m"), *flags, *CLI_TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("flags", [["--gpu", "0"], ["--device", "cuda:0"], ["--gpu", "0", "--device", "cuda"]])
+def test_gpu_without_cuda_is_one_line(store, tmp_path, capsys, flags):
+    code = run_cli(cli, ["train", "--store", str(store), "--dir_model", str(tmp_path / "m"), *flags, *CLI_TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "no CUDA device is available" in err, err
+    assert not (tmp_path / "m").exists()

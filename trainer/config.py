@@ -74,7 +74,8 @@ class TrainConfig:
         False, "As the original code: each lr decay starts Adam afresh (its moment estimates are reset).",
         **SAME_RUN, grid=True)
     workers: int = setting(1, "DataLoader worker processes per process.", **SAME_RUN, grid=True)
-    device: str = setting("auto", grid=True)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N (one GPU of several).", grid=True)
+    gpu: int | None = setting(None, "As the original code: train on GPU N, the same as --device cuda:N.")
     seed: int = setting(0, **SAME_RUN)
     resume: bool = setting(
         False, "Continue from the checkpoint at dir_model/fn_out_model; a larger --num_episodes extends it.")

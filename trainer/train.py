@@ -26,7 +26,7 @@ from trainer import distributed
 from trainer.checkpoint import claim_checkpoint
 from trainer.config import TrainConfig, check_checkpoint_target, check_config, with_store_episode_type
 from trainer.data import StreamConfig, Tokenizer, make_loader, read_records
-from trainer.device import device_name, resolve_device
+from trainer.device import device_name, requested_device, resolve_device
 from trainer.evaluate import decode_records
 from trainer.metrics import score_episodes
 from trainer.precision import use_exact_fp32
@@ -85,10 +85,10 @@ def train(cfg: TrainConfig) -> dict:
     """Train, checkpoint, and return the last validation scores and where the checkpoint is.
 
     Raises TrainingInterrupted (a KeyboardInterrupt) after saving, when SIGINT or SIGTERM stopped it."""
-    device_kind = resolve_device(cfg.device).type
-    ctx = distributed.setup(device_kind)
+    name = requested_device(cfg.device, cfg.gpu)
+    ctx = distributed.setup(resolve_device(name).type)
     try:
-        return _train(cfg, ctx, resolve_device(cfg.device, ctx.local_rank))
+        return _train(cfg, ctx, resolve_device(name, ctx.local_rank))
     finally:
         distributed.teardown(ctx)
 
