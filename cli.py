@@ -15,8 +15,9 @@ from pipeline.errors import UserError
 from pipeline.scan import SPLITS as SCAN_SPLITS, export_split
 from pipeline.samplers import EPISODE_TYPES
 from pipeline.store import GenerateConfig, generate as generate_store, verify_store
+from trainer.config import PASS_THROUGH, SETTINGS, TrainConfig  # torch-free: the training settings' one home
 
-EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
 
 def _apply_thread_policy(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
@@ -60,10 +61,11 @@ def cli() -> None:
 @click.option("--workers", type=int, default=GenerateConfig.workers, show_default=True,
               help="Processes; the output bytes do not depend on it.")
 @click.option("--out", default=GenerateConfig.out, show_default=True, help="The store goes to OUT/<episode_type>.")
+@click.option("--store", default=None, help="The store directory itself, instead of OUT/<episode_type>.")
 @click.option("--overwrite", is_flag=True, help="Replace a store that was made with other parameters.")
 @click.option("--progress/--no_progress", default=True, help="Show a progress bar.")
 def generate(**kwargs) -> None:
-    """Generate the episode store OUT/<episode_type>: shards, manifest.json, dataset card."""
+    """Generate the episode store OUT/<episode_type> (or --store): shards, manifest.json, dataset card."""
     click.echo(generate_store(GenerateConfig(**kwargs)))
 
 
@@ -89,55 +91,51 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
     click.echo(run_publish(store, to=to, repo_id=repo_id))
 
 
+def setting(name: str, *decls: str, **kwargs):
+    """A `train` option for the TrainConfig field `name`: its default and help text are the field's (one home)."""
+    spec = SETTINGS[name]
+    shown = spec.default not in (None, "") and not isinstance(spec.default, bool)
+    return click.option(*(decls or (f"--{name}",)), default=spec.default, help=spec.metadata["help"] or None,
+                        show_default=shown, **kwargs)
+
+
 @cli.command()
-@click.option("--episode_type", default=None, metavar="|".join(EPISODE_TYPES),
-              help="What to train on.  [default: the type of --store (its manifest), else ME]")
-@click.option("--store", default=None,
-              help="Episode store directory, generated there if missing.  [default: shards/<episode_type>]")
-@click.option("--num_episodes", type=int, default=10000, show_default=True, help="Training episodes in all.")
-@click.option("--batch_size", type=int, default=None,
-              help="Episodes per optimizer step, all processes together; 1 = the paper.  [default: 1, the paper's protocol]")
-@click.option("--lr", type=float, default=None, help="Adam learning rate.  [default: 1e-3 (the paper's) at batch size 1, else 2e-3]")
-@click.option("--lr_decay_schedule", type=int, default=5000, show_default=True,
-              help="Multiply the learning rate by 0.1 every this many episodes.")
-@click.option("--nlayers", type=int, default=2, show_default=True)
-@click.option("--emb_size", type=int, default=200, show_default=True)
-@click.option("--dropout", type=float, default=0.5, show_default=True)
-@click.option("--max_length_eval", type=int, default=50, show_default=True, help="Greedy decoding limit.")
-@click.option("--fn_out_model", default="", help="Checkpoint file name [default: net_<episode_type>.pt].")
-@click.option("--dir_model", default="out_models", show_default=True)
-@click.option("--disable_memory", is_flag=True, help="Ablation: plain seq2seq that ignores the support set.")
-@click.option("--disable_attention", is_flag=True, help="Ablation: decoder without attention.")
-@click.option("--disable_recon_loss", is_flag=True, help="Do not add the support items as queries.")
-@click.option("--attend_query_padding", is_flag=True,
-              help="As the original code: the decoder attention also covers the padded steps of an episode's "
-                   "shorter queries (default: masked, as DESIGN.md says).")
-@click.option("--reset_adam_at_decay", is_flag=True,
-              help="As the original code: each lr decay starts Adam afresh (its moment estimates are reset).")
-@click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes per process.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--seeds", default=None, metavar="0,1,...",
-              help="Train these seeds as one stack, one process: model k is the run `--seed k` would make, "
-                   "written to DIR_MODEL/seed<k>/. Under torchrun the seeds are split over the processes. "
-                   "--store may contain {seed} for each model's own store.")
-@click.option("--resume", is_flag=True,
-              help="Continue from the checkpoint at dir_model/fn_out_model; a larger --num_episodes extends it.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint (and its metrics log and curve).")
-@click.option("--val_every", type=int, default=100, show_default=True,
-              help="Validate and log a line every this many episodes.")
-@click.option("--checkpoint_every", type=int, default=1000, show_default=True,
-              help="Write the checkpoint (and redraw the curve) every this many episodes.")
-@click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16"]),
-              help="bf16 autocast of matrix products (CUDA, or a CPU with native bf16).")
-@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
+@setting("episode_type", metavar="|".join(EPISODE_TYPES))
+@setting("store")
+@setting("num_episodes", type=int)
+@setting("batch_size", type=int)
+@setting("lr", type=float)
+@setting("lr_decay_schedule", type=int)
+@setting("nlayers", type=int)
+@setting("emb_size", type=int)
+@setting("dropout", type=float)
+@setting("max_length_eval", type=int)
+@setting("fn_out_model")
+@setting("dir_model")
+@setting("disable_memory", is_flag=True)
+@setting("disable_attention", is_flag=True)
+@setting("disable_recon_loss", is_flag=True)
+@setting("attend_query_padding", is_flag=True)
+@setting("reset_adam_at_decay", is_flag=True)
+@setting("workers", type=int)
+@setting("device", metavar="auto|cpu|cuda|cuda:N")
+@setting("gpu", type=click.IntRange(min=0), metavar="N")
+@setting("seed", type=int)
+@setting("seeds", metavar="0,1,...")
+@setting("resume", is_flag=True)
+@setting("overwrite", is_flag=True)
+@setting("val_every", type=int)
+@setting("checkpoint_every", type=int)
+@setting("amp", type=click.Choice(["none", "bf16"]))
+@setting("compile", "--compile", "compile_model", is_flag=True)
 @click.option("--no_generate", is_flag=True, help="Fail instead of generating a missing store.")
-@click.option("--progress/--no_progress", default=True, help="Show a progress bar.")
+@setting("progress", "--progress/--no_progress")
 @threads_option
 def train(no_generate: bool, compile_model: bool, **kwargs) -> None:
     """Train the meta seq2seq model on the episode store; checkpoints go to dir_model.
     Ctrl-C (SIGINT) or SIGTERM: the current step ends, the checkpoint is saved, exit 130."""
-    from trainer.train import TrainConfig, TrainingInterrupted, train as run_train  # here: torch is slow to import
+    from trainer.signals import TrainingInterrupted  # here: torch is slow to import
+    from trainer.train import train as run_train
     given = {name: value for name, value in kwargs.items() if value is not None}  # None: TrainConfig's default
     if "seeds" in given:
         given["seeds"] = parse_seeds(given["seeds"])
@@ -162,6 +160,22 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     if not seeds or min(seeds) < 0:
         raise UserError(f"--seeds must be non-negative integers, got {text!r}")
     return seeds
+
+
+def passed_to_train(command):
+    """`reproduce`'s options for the training settings it passes through (PASS_THROUGH), made from `train`'s
+    own: the same flag and type, no default of their own (train's applies)."""
+    options = {param.name: param for param in train.params}
+    for name in reversed([n for n in PASS_THROUGH if n != "num_episodes"]):
+        option = options[name]
+        where = "train and eval; jobs share one GPU" if name == "device" else "train"
+        if option.is_flag:
+            command = click.option(f"--{name}", is_flag=True, help=f"Passed to train: {option.help}")(command)
+        else:
+            default = "" if SETTINGS[name].default is None else f", {SETTINGS[name].default}"
+            command = click.option(f"--{name}", type=option.type, default=None,
+                                   help=f"Passed to {where}.  [default: train's{default}]")(command)
+    return command
 
 
 @cli.command("eval")
@@ -235,22 +249,11 @@ def predict(commands: tuple[str, ...], **kwargs) -> None:
 @click.option("--threads", type=int, default=None,
               help="Threads for the whole grid, split over the jobs.  [default: all cores; one job alone adapts "
                    "to the load]")
-@click.option("--num_episodes", type=int, default=10000, show_default=True, help="Training episodes per run.")
-@click.option("--batch_size", type=int, default=None, help="Passed to train.  [default: train's, 1]")
-@click.option("--lr", type=float, default=None, help="Passed to train.  [default: train's]")
-@click.option("--lr_decay_schedule", type=int, default=None, help="Passed to train.  [default: train's]")
-@click.option("--emb_size", type=int, default=None, help="Passed to train.  [default: train's]")
-@click.option("--nlayers", type=int, default=None, help="Passed to train.  [default: train's]")
-@click.option("--dropout", type=float, default=None, help="Passed to train.  [default: train's]")
-@click.option("--amp", default=None, type=click.Choice(["none", "bf16"]), help="Passed to train.  [default: none]")
-@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]),
-              help="Passed to train and eval; jobs share one GPU.  [default: auto]")
-@click.option("--workers", type=int, default=None, help="Passed to train.  [default: train's]")
-@click.option("--val_every", type=int, default=None, help="Passed to train.  [default: train's]")
-@click.option("--checkpoint_every", type=int, default=None, help="Passed to train.  [default: train's]")
-@click.option("--attend_query_padding", is_flag=True, help="Passed to train (the original's padded attention).")
-@click.option("--reset_adam_at_decay", is_flag=True, help="Passed to train (the original's Adam reset at a decay).")
-@click.option("--num_val_episodes", type=int, default=5, show_default=True, help="Validation episodes per store.")
+@click.option("--num_episodes", type=int, default=TrainConfig.num_episodes, show_default=True,
+              help="Training episodes per run.")
+@passed_to_train
+@click.option("--num_val_episodes", type=int, default=GenerateConfig.num_val_episodes, show_default=True,
+              help="Validation episodes per store.")
 def reproduce(experiments: str, seeds: str, variants: str, **kwargs) -> None:
     """Train and evaluate the paper's grid (experiment x variant x seed), then aggregate it into
     OUT/results.{json,md,png}. Finished runs are skipped, interrupted ones resumed: run it again after a kill."""

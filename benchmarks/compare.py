@@ -164,7 +164,7 @@ def make_store(root: Path, episode_type: str, episodes: int) -> Path:
 
 def our_variants(episode_type: str, args, cpu: dict) -> dict[str, tuple[str, ...] | str]:
     """Variant name -> extra `train` flags, or the reason it is skipped."""
-    from trainer.train import default_batch_size
+    from trainer.config import default_batch_size
     default_b = default_batch_size(episode_type)
     variants: dict[str, tuple[str, ...] | str] = {f"ours default (B={default_b})": ()}
     if default_b != 1:
@@ -275,7 +275,8 @@ def valid_gflop_per_episode(episode_type: str, episodes: int, tmp: Path) -> dict
     from flops import train_flops
     from pipeline import store as episode_store
     from trainer.data import StreamConfig, Tokenizer, make_loader
-    from trainer.train import TrainConfig, model_config
+    from trainer.config import TrainConfig
+    from trainer.state import model_config
     store = make_store(tmp / "flops", episode_type, episodes)
     manifest = episode_store.load_manifest(store)
     cfg = TrainConfig(episode_type=episode_type)

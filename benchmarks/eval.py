@@ -36,7 +36,8 @@ from pipeline import threads  # noqa: E402
 threads.apply(threads_arg(sys.argv[1:]))  # as `cli.py eval` does, before torch loads
 
 from pipeline import store as episode_store  # noqa: E402
-from trainer.train import TrainConfig, train  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.train import train  # noqa: E402
 
 EPISODE_TYPE = "scan_prim_augmentation"
 

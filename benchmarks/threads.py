@@ -90,7 +90,9 @@ def run_child(args) -> None:
     import torch
     from pipeline import store as episode_store
     from trainer.data import StreamConfig, Tokenizer, make_loader
-    from trainer.train import TrainConfig, build_state, train_step
+    from trainer.config import TrainConfig
+    from trainer.state import build_state
+    from trainer.train import train_step
     episode_type = args.types[0]
     cfg = TrainConfig(episode_type=episode_type, store=args.store)
     manifest = episode_store.load_manifest(Path(args.store))

@@ -29,7 +29,9 @@ from flops import matmul_peak_flops, train_flops  # noqa: E402
 from pipeline import store as episode_store  # noqa: E402
 from trainer.data import StreamConfig, Tokenizer, make_loader  # noqa: E402
 from trainer.precision import use_exact_fp32  # noqa: E402
-from trainer.train import TrainConfig, build_state, model_config, train_step  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.state import build_state, model_config  # noqa: E402
+from trainer.train import train_step  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -22,7 +22,7 @@ RUN_RECORD = "run.json"
 VARIANTS = ("full", "no_memory", "no_attention", "no_support_loss")  # the paper's ablations after the full model
 VAL_GENERALIZATION, VAL_RETRIEVAL = "validation_generalization", "validation_retrieval"
 
-# The paper's numbers for the full model, as widely cited (DESIGN.md): ME is solved (100% on held-out
+# The paper's numbers for the full model, as widely cited (docs/method.md): ME is solved (100% on held-out
 # episodes); add jump is reported for permutation meta-training; around right is cited as 98.71 or 99.9.
 PAPER = {
     ("ME", VAL_GENERALIZATION): 100.0,
@@ -206,6 +206,8 @@ def plot_grid(groups: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from trainer.report import save_png
     names = [n for n in METRIC_LABELS if any(n in g["metrics"] for g in groups)]
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 4.2), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -227,7 +229,4 @@ def plot_grid(groups: list[dict], path: Path) -> None:
             by_label.setdefault(label, handle)
     fig.legend(by_label.values(), by_label.keys(), loc="upper right")
     fig.tight_layout(rect=(0, 0, 0.93, 1))
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)

@@ -15,7 +15,7 @@ import torch
 
 from trainer.batch import EpisodeBatch, make_batch
 from trainer.data import Tokenizer
-from trainer.model import MetaSeq2Seq, strip_decoded
+from trainer.model import MetaSeq2Seq, evaluating, strip_decoded
 
 Ids = list[int]
 # Measured on a 2-core CPU with E=200, 2 layers (benchmarks/eval.py): 512-2048 are within noise of each
@@ -37,19 +37,14 @@ def decode_shared_support(model: MetaSeq2Seq, support: list[tuple[Ids, Ids]], qu
         raise ValueError("chunk_size must be >= 1")
     order = bucket_order(queries) if bucket else list(range(len(queries)))
     predictions: list[Ids | None] = [None] * len(queries)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), chunk_size):
-                chunk = order[start:start + chunk_size]
-                for index, prediction in zip(chunk, _decode_chunk(model, support, [queries[i] for i in chunk],
-                                                                  max_length, device)):
-                    predictions[index] = prediction
-                if on_chunk is not None:
-                    on_chunk(len(chunk))
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.inference_mode():
+        for start in range(0, len(order), chunk_size):
+            chunk = order[start:start + chunk_size]
+            for index, prediction in zip(chunk, _decode_chunk(model, support, [queries[i] for i in chunk],
+                                                              max_length, device)):
+                predictions[index] = prediction
+            if on_chunk is not None:
+                on_chunk(len(chunk))
     return predictions
 
 
@@ -75,15 +70,10 @@ class QueryAttention:
 def query_attention(model: MetaSeq2Seq, tokenizer: Tokenizer, support: list[tuple[str, str]], query: str,
                     max_length: int, device: torch.device) -> QueryAttention:
     """Greedy-decode one query against its support set, keeping both attentions (float32, on the CPU)."""
-    support_ids = [(tokenizer.encode_input(i), tokenizer.encode_output(o)) for i, o in support]
+    support_ids = tokenizer.encode_pairs(support)
     batch = make_batch([support_ids], [[(tokenizer.encode_input(query), [])]]).to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            result = model.greedy_decode(batch, max_length, return_attention=True)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.inference_mode():
+        result = model.greedy_decode(batch, max_length, return_attention=True)
     length = int(result.lengths[0, 0])
     outputs = [tokenizer.output_vocab[t] for t in result.tokens[0, 0, :length].tolist()]
     memory = None if result.memory_attention is None else result.memory_attention[0, 0].float().cpu()

@@ -14,7 +14,6 @@ import torch
 
 from evalsuite import report
 from evalsuite.decode import DEFAULT_CHUNK_SIZE, decode_shared_support
-from evalsuite.metrics import QueryResult, score_episodes, score_queries
 from evalsuite.splits import (SCAN_FILE, SCAN_TEST_SPLITS, VALIDATION, parse_support, read_scan_file,
                               scan_test_pairs, splits_for)
 from pipeline.errors import UserError
@@ -22,10 +21,11 @@ from pipeline.shardio import file_sha256
 from pipeline.store import load_manifest, manifest_sha256, shard_paths, val_shards_sha256
 from trainer.checkpoint import load_checkpoint
 from trainer.data import Tokenizer, read_records
+from trainer.device import resolve_device
 from trainer.evaluate import decode_records, episode_queries
+from trainer.metrics import QueryResult, score_episodes, score_queries
 from trainer.model import MetaSeq2Seq, ModelConfig
 from trainer.precision import use_exact_fp32
-from trainer.train import resolve_device
 
 
 @dataclass
@@ -170,14 +170,14 @@ def _items(items: list[dict]) -> list[tuple[str, str]]:
 
 
 def encoded(support: list[tuple[str, str]], queries: list[tuple[str, str]], tokenizer: Tokenizer) -> Episode:
-    support_ids = [(tokenizer.encode_input(i), tokenizer.encode_output(o)) for i, o in support]
+    support_ids = tokenizer.encode_pairs(support)
     return Episode(support, queries, support_ids, [tokenizer.encode_input(i) for i, _ in queries])
 
 
 def scan_file_task(path: str, support_spec: str, tokenizer: Tokenizer) -> SplitTask:
     support = parse_support(support_spec)
     try:
-        support_ids = [(tokenizer.encode_input(i), tokenizer.encode_output(o)) for i, o in support]
+        support_ids = tokenizer.encode_pairs(support)
     except UserError as err:
         raise UserError(f"--support: {err}") from None
     queries, query_ids = [], []

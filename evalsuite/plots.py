@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from evalsuite.decode import query_attention as decode_attention  # noqa: E402
 from pipeline.vocab import EOS  # noqa: E402
+from trainer.report import save_png  # noqa: E402
 
 
 def plot_split(loaded, task, n: int, out_dir: Path) -> list[Path]:
@@ -75,10 +76,7 @@ def draw(path: Path, episode, query: str, outputs: list[str], memory, decoder) -
     fits = int(width * 11)  # characters of a 9-pt title line that fit across the figure
     fig.suptitle(f"query: {textwrap.shorten(query, fits)}\n"
                  f"output: {textwrap.shorten(' '.join(outputs), fits - 8, placeholder=' ...')}", fontsize=9)
-    tmp = path.with_name(f".{path.stem}.tmp.png")  # savefig picks the format from the suffix
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def _heatmap(ax, weights, rows: list[str], cols: list[str], title: str, xlabel: str, ylabel: str) -> None:

@@ -72,7 +72,7 @@ def read_support(cfg: PredictConfig) -> list[tuple[str, str]]:
 
 def encode_support(support: list[tuple[str, str]], tokenizer, flag: str) -> list[tuple[list[int], list[int]]]:
     try:
-        return [(tokenizer.encode_input(i), tokenizer.encode_output(o)) for i, o in support]
+        return tokenizer.encode_pairs(support)
     except UserError as err:
         raise UserError(f"{flag}: {err}") from None
 

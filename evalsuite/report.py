@@ -13,10 +13,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from evalsuite.metrics import QueryResult
 from pipeline import provenance
 from pipeline.errors import UserError
 from pipeline.shardio import check_writable_dir, file_sha256, is_temp_name, write_bytes_atomically
+from trainer.metrics import QueryResult
 
 RESULTS_NAME = "results.json"
 
@@ -86,7 +86,7 @@ def report_files(results: dict) -> set[str]:
 
 
 def _is_temp(name: str) -> bool:
-    """A temp file of ours (shardio's, or a plot's `.attention_*.tmp.png`), left by a killed run."""
+    """A temp file of ours (shardio's, or an older version's plot `.attention_*.tmp.png`), left by a killed run."""
     return is_temp_name(name) or (name.startswith(".") and name.endswith(".tmp.png"))
 
 

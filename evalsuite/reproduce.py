@@ -36,7 +36,7 @@ from pipeline.samplers import EPISODE_TYPES
 from pipeline.shardio import check_writable_dir, file_sha256, write_bytes_atomically
 from pipeline.threads import usable_cores
 from trainer.checkpoint import load_checkpoint
-from trainer.train import LEGACY_SETTINGS, TrainConfig
+from trainer.config import LEGACY_SETTINGS, PASS_THROUGH, RUN_KEYS, TrainConfig
 from trainer.train_stack import SEED_FIELD
 
 # The paper's ablations, as flags of `cli.py train`.
@@ -46,14 +46,8 @@ VARIANT_FLAGS = {  # keys in the order of aggregate.VARIANTS
     "no_attention": {"disable_attention": True},
     "no_support_loss": {"disable_recon_loss": True},
 }
-# Training settings that make two runs the same run; a checkpoint that differs in one of them is another run.
-RUN_KEYS = ("episode_type", "batch_size", "lr", "lr_decay_schedule", "nlayers", "emb_size", "dropout",
-            "disable_memory", "disable_attention", "disable_recon_loss", "attend_query_padding", "reset_adam_at_decay",
-            "seed", "workers", "amp")
-# `cli.py train` flags a grid passes through when given (None: train's own default).
-PASS_THROUGH = ("num_episodes", "batch_size", "lr", "lr_decay_schedule", "nlayers", "emb_size", "dropout",
-                "amp", "device", "workers", "val_every", "checkpoint_every", "attend_query_padding",
-                "reset_adam_at_decay")
+# RUN_KEYS (the settings that make two runs the same run) and PASS_THROUGH (the `cli.py train` flags a grid
+# passes through when given) are tags on TrainConfig's fields (trainer/config.py).
 EXIT_INTERRUPTED = 130
 
 
@@ -65,8 +59,9 @@ class ReproduceConfig:
     jobs: int = 1
     out: str = "runs"
     threads: int | None = None         # threads for the whole grid, split over the jobs [default: all cores]
-    num_episodes: int = 10000
-    batch_size: int | None = None      # None: train's default for the experiment
+    # The settings passed through to train (PASS_THROUGH); None: train's own default.
+    num_episodes: int = TrainConfig.num_episodes
+    batch_size: int | None = None
     lr: float | None = None
     lr_decay_schedule: int | None = None
     nlayers: int | None = None
@@ -79,8 +74,8 @@ class ReproduceConfig:
     checkpoint_every: int | None = None
     attend_query_padding: bool = False
     reset_adam_at_decay: bool = False
-    num_val_episodes: int = 5
-    stack_size: int = 16                # most seeds trained in one stack
+    num_val_episodes: int = episode_store.GenerateConfig.num_val_episodes
+    stack_size: int = 16               # most seeds trained in one stack
     separate: bool = False             # every run in its own `train` process (no stacks)
 
     def __post_init__(self):

@@ -1,4 +1,4 @@
-"""What each evaluation split is made of (DESIGN.md, "SCAN test evaluation").
+"""What each evaluation split is made of (docs/method.md, "Evaluation").
 
 A split is either `validation` (the store's validation episodes, scored as the trainer scores them), one of
 the SCAN test splits (the test commands as queries against a support set), or `scan_file` (any file in the

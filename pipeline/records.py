@@ -1,4 +1,4 @@
-"""The episode record: one webdataset sample holding one JSON (DESIGN.md, "The episode record").
+"""The episode record: one webdataset sample holding one JSON (docs/method.md, "The store").
 
 Everything that knows the record's shape lives here: how a record is built and encoded, how samples and
 shards are named, and the schema check that `verify` runs on every record.

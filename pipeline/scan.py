@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.shardio import write_bytes_atomically
+
 ACTION_WORDS = ("walk", "look", "run", "jump")
 ACTIONS = ("I_WALK", "I_LOOK", "I_RUN", "I_JUMP")
 DIRECTION_WORDS = ("left", "right")
@@ -159,8 +161,6 @@ def export_split(split: str, out_dir: Path) -> list[Path]:
     written = []
     for name, pairs in files.items():
         path = out_dir / name
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(format_line(p) + "\n" for p in pairs))
-        tmp.replace(path)
+        write_bytes_atomically(path, "".join(format_line(p) + "\n" for p in pairs).encode())
         written.append(path)
     return written

@@ -1,4 +1,4 @@
-"""The episode store `out/<episode_type>/`: parallel, byte-deterministic generation (DESIGN.md, "The store").
+"""The episode store `out/<episode_type>/`: parallel, byte-deterministic generation (docs/method.md, "The store").
 
 Every shard is a pure function of (seed, split, shard index): training shard i draws its episodes one after
 another from `default_rng([seed, 0, i])`, and all validation episodes come from `default_rng([seed, 1, 0])`.

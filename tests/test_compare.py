@@ -22,7 +22,7 @@ from flops import forward_flops  # noqa: E402
 from machine import cpu_info  # noqa: E402
 from trainer.batch import make_batch  # noqa: E402
 from trainer.model import MetaSeq2Seq, ModelConfig  # noqa: E402
-from trainer.train import log_line  # noqa: E402
+from trainer.runlog import log_line  # noqa: E402
 
 ORIGINAL = compare.DEFAULT_ORIGINAL
 needs_original = pytest.mark.skipif(compare.skip_reason(ORIGINAL) is not None,

@@ -21,7 +21,6 @@ import torch
 from cli import cli, run_cli
 from evalsuite.decode import bucket_order, decode_shared_support, shared_support_batch
 from evalsuite.evaluate import EvalConfig, evaluate
-from evalsuite.metrics import QueryResult, accuracy, score_episodes, score_queries
 from evalsuite.report import summary_table
 from evalsuite.splits import SCAN_TEST_SPLITS, TYPE_SPLITS, parse_support, scan_test_pairs
 from pipeline.errors import UserError
@@ -29,9 +28,11 @@ from pipeline.scan import TRUE_PRIMITIVES
 from pipeline.store import GenerateConfig, generate, load_manifest, manifest_sha256, val_shards_sha256
 from pipeline.vocab import EOS_ID, PAD_ID
 from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig
 from trainer.data import Tokenizer
+from trainer.metrics import QueryResult, accuracy, score_episodes, score_queries
 from trainer.model import MetaSeq2Seq, ModelConfig
-from trainer.train import TrainConfig, train
+from trainer.train import train
 
 ROOT = Path(__file__).parents[1]
 OFFICIAL_SCAN = ROOT.parent / "shared" / "scan"

@@ -83,6 +83,12 @@ def test_training_on_cuda_follows_the_cpu_run(store, tmp_path):
     torch.testing.assert_close(torch.tensor(gpu), torch.tensor(cpu), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("flags", [["--gpu", "0"], ["--device", "cuda:0"], ["--gpu", "0", "--device", "cuda"]])
+def test_the_originals_gpu_flag_and_cuda_n_train_on_that_gpu(store, tmp_path, flags):
+    cli("train", "--store", str(store), "--num_episodes", "16", "--dir_model", str(tmp_path), *flags, *TINY)
+    assert load_checkpoint(tmp_path / "net_ME.pt")["provenance"]["device"].startswith("cuda")
+
+
 def test_a_cuda_checkpoint_resumes_on_cpu_and_evaluates_on_cuda(store, tmp_path):
     cli("train", "--store", str(store), "--num_episodes", "48", "--dir_model", str(tmp_path), "--device", "cuda",
         *TINY)

@@ -21,9 +21,10 @@ from evalsuite.evaluate import EvalConfig, evaluate
 from evalsuite.splits import scan_test_pairs
 from trainer.batch import make_batch
 from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig
 from trainer.data import Tokenizer
 from trainer.model import MetaSeq2Seq, ModelConfig
-from trainer.train import TrainConfig, train
+from trainer.train import train
 
 ROOT = Path(__file__).parents[1]
 SUPPORT = "jump=I_JUMP,walk=I_WALK,run=I_RUN,look=I_LOOK"

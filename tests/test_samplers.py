@@ -1,4 +1,4 @@
-"""The samplers against independent facts: the SCAN interpretation function, the split rules, DESIGN.md's sizes."""
+"""The samplers against independent facts: the SCAN interpretation function, the split rules, the sizes in method.md."""
 from __future__ import annotations
 
 import itertools

@@ -134,7 +134,7 @@ def losses(metrics: Path) -> list[float]:
 
 
 def test_initial_weights_are_bitwise_those_of_train_seed(me_store, tmp_path):
-    from trainer.train import TrainConfig
+    from trainer.config import TrainConfig
     from trainer.train_stack import build_member, member_config
     cfg = TrainConfig(episode_type="ME", store=str(me_store), seeds=(4, 9), emb_size=16, dir_model=str(tmp_path))
     for seed in (4, 9):
@@ -221,7 +221,7 @@ def test_torchrun_splits_the_seeds_over_the_processes(me_store, tmp_path):
 
 
 def test_torchrun_without_seeds_says_what_to_do():
-    from trainer.train import TrainConfig, check_config
+    from trainer.config import TrainConfig, check_config
     from pipeline.errors import UserError
     with pytest.raises(UserError, match="give --seeds"):
         check_config(TrainConfig(episode_type="ME"), 2, "cpu")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +24,11 @@ from pipeline.threads import SPIN_VAR, WAIT_POLICY_VAR
 from trainer.checkpoint import load_checkpoint
 from trainer.data import StreamConfig, Tokenizer, make_loader
 from trainer.precision import amp_problem, use_exact_fp32
-from trainer.train import (RESUME_KEYS, StopRequest, TrainConfig, TrainState, resumed_batches, store_layout,
-                           train, train_shards)
+from trainer.config import RESUME_KEYS, TrainConfig
+from trainer.signals import StopRequest
+from trainer.state import TrainState
+from trainer.stores import store_layout, train_shards
+from trainer.train import resumed_batches, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(emb_size=16, nlayers=1, dropout=0.5, batch_size=8, progress=False, val_every=8, checkpoint_every=1000,
@@ -329,3 +334,80 @@ def test_reset_adam_at_decay_starts_adam_again_at_each_decay(store, tmp_path):
         steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
         assert steps == ({2} if reset else {5})
         assert ckpt["scheduler"]["_last_lr"][0] == pytest.approx(ckpt["train_config"]["lr"] * 0.1)
+
+
+# ---- 10. one train per checkpoint; a failed train leaves nothing; advice that rebuilds the store; --gpu ------
+
+def test_a_second_train_on_the_same_checkpoint_fails_at_once_in_one_line(store, tmp_path, capsys):
+    args = ["--store", str(store), "--dir_model", str(tmp_path), "--num_episodes", "400", *CLI_TINY]
+    args[args.index("--batch_size") + 1] = "1"  # a long run: 400 steps
+    first = cli_process(*args)
+    metrics = tmp_path / "net_ME.metrics.jsonl"
+    wait_for(metrics.exists, first)
+    code = run_cli(cli, ["train", *args, "--overwrite"])
+    err = capsys.readouterr().err
+    still_running = first.poll() is None
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=120)
+    assert still_running, "the first run ended before the second started: make it longer"
+    assert code == 1 and err.count("\n") == 1 and "another train is writing" in err and "net_ME.pt" in err, err
+    episodes = [json.loads(line)["episodes"] for line in metrics.read_text().splitlines()]
+    assert episodes == sorted(set(episodes))  # one run's rows, none twice
+
+
+def test_a_train_that_fails_its_checks_leaves_no_dir_model_behind(store, tmp_path):
+    new = tmp_path / "new" / "models"
+    with pytest.raises(UserError, match="more than the 400 training episodes"):
+        run(store, new, num_episodes=1000)
+    assert not (tmp_path / "new").exists()
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(store, corrupt)
+    shard = next(corrupt.glob("train-*.tar"))
+    shard.write_bytes(shard.read_bytes()[:-600])
+    with pytest.raises(UserError, match="fails verification"):
+        run(corrupt, new)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UserError):
+        run(store, tmp_path / "kept", num_episodes=1000)
+    assert (tmp_path / "kept").is_dir()  # a directory that was there stays
+
+
+def test_the_advice_for_a_store_too_small_rebuilds_that_store(tmp_path, capsys):
+    path = tmp_path / "sp ace" / "store x"
+    episode_store.generate(episode_store.GenerateConfig(
+        "ME", num_episodes=40, num_val_episodes=3, seed=7, shard_size=20, store=str(path), progress=False,
+        workers=1))
+    code = run_cli(cli, ["train", "--store", str(path), "--num_episodes", "100", "--dir_model",
+                         str(tmp_path / "m"), *CLI_TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    command = err[err.index("`") + 1:err.rindex("`")]
+    assert command.startswith("python cli.py generate ") and shlex.quote(str(path)) in command
+    words = shlex.split(command)
+    subprocess.run([sys.executable, *words[1:], "--no_progress"], cwd=ROOT, check=True, capture_output=True)
+    manifest = episode_store.load_manifest(path)
+    assert manifest["counts"]["train"] == 100 and manifest["params"]["seed"] == 7
+    assert manifest["params"]["num_val_episodes"] == 3 and manifest["params"]["shard_size"] == 20
+    assert not (tmp_path / "m").exists() and not (ROOT / "shards" / "store x").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpu", "1", "--device", "cpu"], "--gpu 1 conflicts with --device cpu"),
+    (["--gpu", "1", "--device", "cuda:0"], "--gpu 1 conflicts with --device cuda:0"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+])
+def test_gpu_and_device_that_disagree_are_one_line(store, tmp_path, capsys, flags, message):
+    code = run_cli(cli, ["train", "--store", str(store), "--dir_model", str(tmp_path / "m"), *flags, *CLI_TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("flags", [["--gpu", "0"], ["--device", "cuda:0"], ["--gpu", "0", "--device", "cuda"]])
+def test_gpu_without_cuda_is_one_line(store, tmp_path, capsys, flags):
+    code = run_cli(cli, ["train", "--store", str(store), "--dir_model", str(tmp_path / "m"), *flags, *CLI_TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "no CUDA device is available" in err, err
+    assert not (tmp_path / "m").exists()

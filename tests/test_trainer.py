@@ -13,8 +13,9 @@ import torch
 from pipeline import store as episode_store
 from pipeline.errors import UserError
 from trainer.checkpoint import load_checkpoint
+from trainer.config import TrainConfig
 from trainer.data import StreamConfig, Tokenizer, make_loader
-from trainer.train import TrainConfig, train
+from trainer.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(emb_size=16, nlayers=2, dropout=0.5, batch_size=8, progress=False, val_every=40, checkpoint_every=40)

@@ -5,12 +5,14 @@ input_vocab, output_vocab, episodes_done, data_position, store, manifest_sha256,
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 from pipeline.errors import UserError
-from pipeline.shardio import write_atomically
+from pipeline.shardio import check_writable_dir, write_atomically
 
 CHECKPOINT_FORMAT = "metaseq2seq-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -21,6 +23,53 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                                                  **payload}, f))
+
+
+@contextlib.contextmanager
+def claim_checkpoint(path: Path):
+    """Hold the lock `.<name>.lock` beside the checkpoint `path` for a whole run, so that a second train on the
+    same checkpoint fails at once instead of writing it (and its metrics log) too. The OS drops the lock when
+    its holder dies. The checkpoint's directory is made here when missing, and removed again when the run
+    fails before anything but the lock was written into it."""
+    path = Path(path)
+    made = _missing_dirs(path.parent)
+    check_writable_dir(path.parent, "--dir_model")
+    lock_file = path.parent / f".{path.name}.lock"
+    lock = FileLock(lock_file)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _remove_if_unused(made, lock_file)
+        raise UserError(f"another train is writing {path} (it holds {lock_file}): wait for it to end, or give "
+                        "another --dir_model or --fn_out_model") from None
+    try:
+        yield
+    except BaseException:
+        _remove_if_unused(made, lock_file)
+        raise
+    finally:
+        lock.release()
+
+
+def _missing_dirs(directory: Path) -> list[Path]:
+    """`directory` and its ancestors that do not exist yet, deepest first."""
+    missing, directory = [], Path(directory).absolute()
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def _remove_if_unused(made: list[Path], lock_file: Path) -> None:
+    """Remove the directories this run made, if nothing but its lock file went into them."""
+    if not made or any(p != lock_file for p in lock_file.parent.iterdir()):
+        return
+    lock_file.unlink(missing_ok=True)
+    for directory in made:
+        try:
+            directory.rmdir()
+        except OSError:  # something else appeared in it meanwhile: leave it
+            return
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -36,6 +36,10 @@ class Tokenizer:
     def encode_output(self, text: str) -> list[int]:
         return self._encode(text, self._out, "output")
 
+    def encode_pairs(self, pairs) -> list[tuple[list[int], list[int]]]:
+        """(input ids, output ids) of each (input, output) text pair: a support set as the model takes it."""
+        return [(self.encode_input(i), self.encode_output(o)) for i, o in pairs]
+
     @staticmethod
     def _encode(text: str, table: dict[str, int], side: str) -> list[int]:
         try:
@@ -48,7 +52,7 @@ class Tokenizer:
 
 
 def episode_pairs(items: list[dict], tokenizer: Tokenizer) -> list[tuple[list[int], list[int]]]:
-    return [(tokenizer.encode_input(it["input"]), tokenizer.encode_output(it["output"])) for it in items]
+    return tokenizer.encode_pairs((it["input"], it["output"]) for it in items)
 
 
 def collate_episodes(records: list[dict], tokenizer: Tokenizer, support_as_queries: bool) -> EpisodeBatch:

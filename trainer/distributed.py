@@ -53,11 +53,3 @@ def step_totals(ctx: DistContext, count: int, flag: bool, device: torch.device) 
     dist.all_reduce(summed, op=dist.ReduceOp.SUM)
     dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
     return int(summed[0]), int(smallest[0]), bool(summed[1])
-
-
-def broadcast_object(ctx: DistContext, obj):
-    if not ctx.active:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from evalsuite.metrics import QueryResult
 from trainer.data import Tokenizer, collate_episodes
-from trainer.model import MetaSeq2Seq, strip_decoded
+from trainer.metrics import QueryResult
+from trainer.model import MetaSeq2Seq, evaluating, strip_decoded
 
 
 def episode_queries(record: dict, support_as_queries: bool) -> list[dict]:
@@ -17,16 +17,14 @@ def episode_queries(record: dict, support_as_queries: bool) -> list[dict]:
 def decode_records(model: MetaSeq2Seq, records: list[dict], tokenizer: Tokenizer, max_length: int,
                    device: torch.device, episodes_per_batch: int = 16) -> list[list[QueryResult]]:
     """Each record's queries, then its support items as queries (retrieval), decoded greedily."""
-    was_training = model.training
-    model.eval()
     results = []
-    for start in range(0, len(records), episodes_per_batch):
-        chunk = records[start:start + episodes_per_batch]
-        batch = collate_episodes(chunk, tokenizer, support_as_queries=True).to(device)
-        predictions = strip_decoded(model.greedy_decode(batch, max_length))
-        for record, episode_predictions in zip(chunk, predictions):
-            results.append(score_record(record, episode_predictions, tokenizer))
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(records), episodes_per_batch):
+            chunk = records[start:start + episodes_per_batch]
+            batch = collate_episodes(chunk, tokenizer, support_as_queries=True).to(device)
+            predictions = strip_decoded(model.greedy_decode(batch, max_length))
+            for record, episode_predictions in zip(chunk, predictions):
+                results.append(score_record(record, episode_predictions, tokenizer))
     return results
 
 

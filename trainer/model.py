@@ -14,6 +14,7 @@ computed on the padded grid, where they need the per-row layout.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -39,7 +40,7 @@ class ModelConfig:
     disable_attention: bool = False
     # The original code's decoder attention also covered the padded steps of the shorter queries of an episode
     # (up to the episode's longest query), where c_t = tanh(W [0; mean of the support values] + b): with this
-    # on, ours does the same per episode, whatever else shares the batch. Off: padding masked (DESIGN.md).
+    # on, ours does the same per episode, whatever else shares the batch. Off: padding masked (docs/method.md).
     attend_query_padding: bool = False
 
     def __post_init__(self):
@@ -298,7 +299,7 @@ class MetaSeq2Seq(nn.Module):
     @torch.no_grad()
     def greedy_decode(self, batch: EpisodeBatch, max_length: int,
                       return_attention: bool = False) -> DecodeResult:
-        """Greedy decoding of all valid queries at once. Call model.eval() first (dropout is left as set).
+        """Greedy decoding of all valid queries at once. Decode under `evaluating(model)` (dropout is left as set).
 
         Rows that have emitted EOS are dropped from the running batch, so a step costs only what is still
         being decoded; it stops once every query has emitted EOS, or after max_length steps.
@@ -336,3 +337,14 @@ class MetaSeq2Seq(nn.Module):
             if not self.cfg.disable_attention:
                 result.decoder_attention = attention[:, :steps].reshape(B, nq, steps, Tqi)
         return result
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """`model` in eval mode (no dropout) inside the block, and back in the mode it had after it, error or not."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

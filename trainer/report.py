@@ -21,7 +21,12 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     ax_acc.set(xlabel="episodes", ylabel="validation accuracy (%)", ylim=(-2, 102), title="validation")
     ax_acc.legend()
     fig.tight_layout()
-    try:  # atomically: the curve is redrawn at every checkpoint while someone may be looking at it
+    save_png(fig, path)  # atomically: the curve is redrawn at every checkpoint while someone may be looking at it
+
+
+def save_png(fig, path: Path) -> None:
+    """Write `fig` as a PNG that appears complete or not at all (shardio's temp file and rename), and close it."""
+    try:
         write_atomically(Path(path), lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)

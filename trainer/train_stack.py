@@ -11,6 +11,7 @@ gradient averaging between different models.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,19 +22,22 @@ from tqdm import tqdm
 from pipeline import provenance, threads
 from pipeline import store as episode_store
 from pipeline.errors import UserError
-from pipeline.shardio import check_writable_dir
 from trainer import distributed
 from trainer.checkpoint import save_checkpoint
 from trainer.data import StreamConfig, Tokenizer, collate_episodes, make_stack_loader, read_records
 from trainer.evaluate import score_record
-from trainer.model import strip_decoded
+from trainer.model import evaluating, strip_decoded
 from trainer.precision import use_exact_fp32
 from trainer.stacked import StackedMetaSeq2Seq, clip_grad_norms_
-from trainer.train import (RunLog, Session, StopRequest, TrainConfig, TrainingInterrupted, TrainState, _fmt,
-                           build_state, check_checkpoint_target, check_config, checkpoint_payload, crossed,
-                           device_name, prepare_store, resolve_device, restore, resumed_batches,
-                           advance_position, train_shards, with_store_episode_type)
-from evalsuite.metrics import score_episodes
+from trainer.checkpoint import claim_checkpoint
+from trainer.config import TrainConfig, check_checkpoint_target, check_config, with_store_episode_type
+from trainer.device import device_name, requested_device, resolve_device
+from trainer.metrics import score_episodes
+from trainer.runlog import RunLog, _fmt, crossed
+from trainer.signals import StopRequest, TrainingInterrupted
+from trainer.state import Session, TrainState, build_state, checkpoint_payload, restore
+from trainer.stores import prepare_store, train_shards
+from trainer.train import advance_position, resumed_batches
 
 SEED_FIELD = "{seed}"  # in --store: each model's own store, e.g. runs/stores/seed{seed}/ME
 
@@ -61,7 +65,6 @@ def check_stack(cfg: TrainConfig, members: list[TrainConfig], device_type: str) 
         raise UserError("--seeds trains with its own batched recurrence, in fp32: leave out --amp and --compile")
     for member in members:
         check_config(member, 1, device_type)
-        check_checkpoint_target(member)
 
 
 @dataclass
@@ -131,9 +134,10 @@ def save_member(member: Member) -> None:
 
 def train_stack(cfg: TrainConfig) -> dict:
     """Train the models of `cfg.seeds` that fall to this process; returns their results, keyed by seed."""
-    ctx = distributed.setup(resolve_device(cfg.device).type)
+    name = requested_device(cfg.device, cfg.gpu)
+    ctx = distributed.setup(resolve_device(name).type)
     try:
-        device = resolve_device(cfg.device, ctx.local_rank)
+        device = resolve_device(name, ctx.local_rank)
         return _train_stack(cfg, seeds_of_rank(tuple(cfg.seeds), ctx), device, ctx)
     finally:
         distributed.teardown(ctx)
@@ -145,8 +149,14 @@ def _train_stack(cfg: TrainConfig, seeds: tuple[int, ...], device: torch.device,
         raise UserError("the stores of a stack hold different episode types: one stack holds one experiment")
     cfg = replace(cfg, episode_type=members_cfg[0].episode_type)  # and with it the default batch size and lr
     check_stack(cfg, members_cfg, device.type)
-    for member in members_cfg:
-        check_writable_dir(member.checkpoint_path.parent, "--dir_model")
+    with contextlib.ExitStack() as locks:  # one train per checkpoint, as for a single run
+        for member in members_cfg:
+            locks.enter_context(claim_checkpoint(member.checkpoint_path))
+            check_checkpoint_target(member)
+        return _run_stack(cfg, members_cfg, seeds, device)
+
+
+def _run_stack(cfg: TrainConfig, members_cfg: list[TrainConfig], seeds: tuple[int, ...], device) -> dict:
     use_exact_fp32(device)
     members = [build_member(c, device, cfg.resume) for c in members_cfg]
     done = {m.state.episodes_done for m in members}
@@ -310,9 +320,7 @@ def validate_stack(stack: StackedMetaSeq2Seq, records: list[list[dict]], tokeniz
     count = len(records[0])
     if any(len(r) != count for r in records):
         raise UserError("the stores of a stack hold different numbers of validation episodes")
-    was_training = stack.training
-    stack.eval()
-    try:
+    with evaluating(stack):
         per_model = [[] for _ in records]
         for start in range(0, count, episodes_per_batch):
             chunks = [r[start:start + episodes_per_batch] for r in records]
@@ -321,7 +329,5 @@ def validate_stack(stack: StackedMetaSeq2Seq, records: list[list[dict]], tokeniz
             k = len(chunks[0])
             for m, chunk in enumerate(chunks):
                 per_model[m] += [score_record(r, p, tokenizer) for r, p in zip(chunk, decoded[m * k:(m + 1) * k])]
-    finally:
-        stack.train(was_training)
     return [{k: s[k] for k in ("accuracy", "retrieval", "generalization", "n_episodes")}
             for s in map(score_episodes, per_model)]

@@ -1,7 +1,7 @@
 """ME checkpoint scored on new episodes of each of the 24 pairings, split by whether its training saw the pairing.
 
 The original's tabu identifier is the pairing as an ordered list (it shuffles the inputs too), so its training
-includes the validation pairings; ours never does (DESIGN.md). This asks whether a model that misses 100% on our
+includes the validation pairings; ours never does (docs/method.md). This asks whether a model that misses 100% on our
 validation would score higher on pairings it trained on (docs/results.md, "Not the validation pairings").
 
     python docs/experiments/me_seen_pairings.py CHECKPOINT [EPISODES_PER_PAIRING]
@@ -14,12 +14,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from evalsuite.metrics import score_episodes  # noqa: E402
 from pipeline.samplers import ME_INPUTS, ME_OUTPUTS, MESampler, pairing_identifier  # noqa: E402
 from pipeline.store import shard_paths  # noqa: E402
 from trainer.checkpoint import load_checkpoint  # noqa: E402
 from trainer.data import Tokenizer, read_records  # noqa: E402
 from trainer.evaluate import decode_records  # noqa: E402
+from trainer.metrics import score_episodes  # noqa: E402
 from trainer.model import MetaSeq2Seq, ModelConfig  # noqa: E402
 
 

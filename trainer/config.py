@@ -1,0 +1,175 @@
+"""What a training run is asked to do: TrainConfig, its defaults, and the checks made before any work.
+
+Each training setting is declared once, here, with its default and its --help text; the tags in its metadata
+say where else it matters (`resume`: must match to --resume a run; `run`: identifies a run of a reproduce
+grid; `grid`: `cli.py reproduce` passes it through to train). The CLI and the grid read them from here.
+Torch-free, so that the CLI can read the defaults without loading torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from pipeline import store as episode_store
+from pipeline.errors import UserError
+from pipeline.samplers import get_sampler
+
+# The default recipe is the paper's, one episode per optimizer step with lr 1e-3, for every experiment: over
+# seeds it generalized sooner and more often than larger batches (docs/results.md has the runs). Other batch
+# sizes are for experiments: they get lr 2e-3 unless --lr says otherwise.
+PAPER_LR, BATCHED_LR = 1e-3, 2e-3
+PAPER_BATCH_SIZE = 1
+DEFAULT_EPISODE_TYPE = "ME"      # when neither --episode_type nor --store is given
+# What a checkpoint written before a setting existed was trained with.
+LEGACY_SETTINGS = {"attend_query_padding": False, "reset_adam_at_decay": False}
+
+
+def default_batch_size(episode_type: str) -> int:
+    return PAPER_BATCH_SIZE
+
+
+def default_lr(batch_size: int) -> float:
+    return PAPER_LR if batch_size == 1 else BATCHED_LR
+
+
+def setting(default, help: str = "", *, resume: bool = False, run: bool = False, grid: bool = False):
+    """A TrainConfig field: its default, its --help text, and where else it matters (see the module doc)."""
+    return field(default=default, metadata={"help": help, "resume": resume, "run": run, "grid": grid})
+
+
+# Settings that must match for --resume to continue the same run, and identify a run of a grid.
+SAME_RUN = dict(resume=True, run=True)
+
+
+@dataclass
+class TrainConfig:
+    episode_type: str | None = setting(
+        None, "What to train on.  [default: the type of --store (its manifest), else ME]", **SAME_RUN)
+    store: str | None = setting(
+        None, "Episode store directory, generated there if missing.  [default: shards/<episode_type>]")
+    # Not a resume setting: resuming with a larger one extends a run (data order and lr schedule continue).
+    num_episodes: int = setting(10000, "Training episodes in all.", grid=True)
+    batch_size: int | None = setting(
+        None, "Episodes per optimizer step, all processes together; 1 = the paper.  "
+              "[default: 1, the paper's protocol]", **SAME_RUN, grid=True)
+    lr: float | None = setting(
+        None, "Adam learning rate.  [default: 1e-3 (the paper's) at batch size 1, else 2e-3]", **SAME_RUN, grid=True)
+    lr_decay_schedule: int = setting(
+        5000, "Multiply the learning rate by 0.1 every this many episodes.", **SAME_RUN, grid=True)
+    nlayers: int = setting(2, **SAME_RUN, grid=True)
+    emb_size: int = setting(200, **SAME_RUN, grid=True)
+    dropout: float = setting(0.5, **SAME_RUN, grid=True)
+    max_length_eval: int = setting(50, "Greedy decoding limit.")
+    fn_out_model: str = setting("", "Checkpoint file name [default: net_<episode_type>.pt].")
+    dir_model: str = setting("out_models")
+    disable_memory: bool = setting(False, "Ablation: plain seq2seq that ignores the support set.", **SAME_RUN)
+    disable_attention: bool = setting(False, "Ablation: decoder without attention.", **SAME_RUN)
+    disable_recon_loss: bool = setting(False, "Do not add the support items as queries.", **SAME_RUN)
+    # The original's decoder attention over padded query steps (model.py). Off, as in docs/method.md: on ME,
+    # alone or with reset_adam_at_decay, it did not separate from the default over seeds (docs/results.md).
+    attend_query_padding: bool = setting(
+        False, "As the original code: the decoder attention also covers the padded steps of an episode's shorter "
+               "queries (default: masked, as docs/method.md says).", **SAME_RUN, grid=True)
+    reset_adam_at_decay: bool = setting(
+        False, "As the original code: each lr decay starts Adam afresh (its moment estimates are reset).",
+        **SAME_RUN, grid=True)
+    workers: int = setting(1, "DataLoader worker processes per process.", **SAME_RUN, grid=True)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N (one GPU of several).", grid=True)
+    gpu: int | None = setting(None, "As the original code: train on GPU N, the same as --device cuda:N.")
+    seed: int = setting(0, **SAME_RUN)
+    resume: bool = setting(
+        False, "Continue from the checkpoint at dir_model/fn_out_model; a larger --num_episodes extends it.")
+    overwrite: bool = setting(False, "Replace an existing checkpoint (and its metrics log and curve).")
+    clip: float = setting(50.0, resume=True)  # gradient-norm clip, the paper's
+    val_every: int = setting(100, "Validate and log a line every this many episodes.", grid=True)
+    checkpoint_every: int = setting(
+        1000, "Write the checkpoint (and redraw the curve) every this many episodes.", grid=True)
+    amp: str = setting("none", "bf16 autocast of matrix products (CUDA, or a CPU with native bf16).",
+                       run=True, grid=True)
+    compile: bool = setting(False, "torch.compile the model.")
+    generate_missing_store: bool = setting(True)
+    progress: bool = setting(True, "Show a progress bar.")
+    stop_after: int | None = setting(None)  # stop (with a checkpoint) after this many episodes: for tests
+    seeds: tuple[int, ...] | None = setting(
+        None, "Train these seeds as one stack, in one process: model k is the run `--seed k` would make, written "
+              "to DIR_MODEL/seed<k>/. --store may contain {seed} for each model's own store. Under torchrun the "
+              "seeds are split over the processes.")
+
+    def __post_init__(self):
+        if self.episode_type is None and self.store is None:
+            self.episode_type = DEFAULT_EPISODE_TYPE
+        if self.episode_type is None:  # the store's manifest decides it: with_store_episode_type
+            return
+        if self.batch_size is None:
+            self.batch_size = default_batch_size(self.episode_type)
+        if self.lr is None:
+            self.lr = default_lr(self.batch_size)
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store or Path("shards") / self.episode_type)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.dir_model) / (self.fn_out_model or f"net_{self.episode_type}.pt")
+
+
+SETTINGS = {f.name: f for f in fields(TrainConfig)}
+
+
+def tagged(tag: str) -> tuple[str, ...]:
+    return tuple(name for name, f in SETTINGS.items() if f.metadata[tag])
+
+
+RESUME_KEYS = tagged("resume")   # must match for --resume to continue the same run
+RUN_KEYS = tagged("run")         # a checkpoint that differs in one of them is another run of a grid
+PASS_THROUGH = tagged("grid")    # `cli.py reproduce` passes them to train when given
+
+
+def with_store_episode_type(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the episode type of its store's manifest; --episode_type may only repeat it."""
+    if cfg.store is None:
+        return cfg
+    if not (Path(cfg.store) / "manifest.json").is_file():
+        if cfg.episode_type is None:
+            raise UserError(f"no episode store at {cfg.store}; pass --episode_type to generate one there")
+        return cfg
+    stored = episode_store.load_manifest(cfg.store).get("episode_type")
+    if not isinstance(stored, str):
+        raise UserError(f"store {cfg.store} fails verification: its manifest names no episode type "
+                        f"(run `python cli.py verify --store {cfg.store}`)")
+    if cfg.episode_type not in (None, stored):
+        raise UserError(f"--episode_type {cfg.episode_type} conflicts with the store {cfg.store}, which holds "
+                        f"{stored} episodes: leave --episode_type out, or choose another --store")
+    return replace(cfg, episode_type=stored)
+
+
+def check_config(cfg: TrainConfig, world_size: int, device_type: str) -> None:
+    from trainer.precision import check_amp  # here: it loads torch
+    get_sampler(cfg.episode_type)  # an unknown type fails here, listing the valid ones, before any work
+    for name in ("num_episodes", "batch_size", "lr_decay_schedule", "nlayers", "emb_size", "max_length_eval",
+                 "val_every", "checkpoint_every"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.lr <= 0 or cfg.workers < 0:
+        raise UserError("--lr must be positive and --workers non-negative")
+    if cfg.batch_size % world_size:
+        raise UserError(f"--batch_size {cfg.batch_size} must divide evenly over {world_size} processes: to train "
+                        f"several models, give --seeds (each process trains its share, one episode per step "
+                        f"each); to train one model on several processes, make --batch_size a multiple of "
+                        f"{world_size}")
+    check_amp(cfg.amp, device_type)  # e.g. bf16 on a CPU whose oneDNN has no bf16 LSTM: one line, no files
+
+
+def check_checkpoint_target(cfg: TrainConfig) -> None:
+    """Never replace a run's checkpoint by accident; never look for one to resume that is not there."""
+    path = cfg.checkpoint_path
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the checkpoint and --overwrite replaces it: give one of them")
+    if cfg.resume and not path.is_file():
+        raise UserError(f"--resume: no checkpoint at {path}")
+    if path.exists() and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{path} already exists: pass --resume to continue that run, or --overwrite to "
+                        "replace it (and its metrics log)")

@@ -1,0 +1,127 @@
+"""What a run carries from step to step (model, optimizer, lr schedule, data position), how it starts,
+how it is restored from a checkpoint for --resume, and what a checkpoint holds."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipeline import store as episode_store
+from pipeline.errors import UserError
+from trainer import distributed
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.config import LEGACY_SETTINGS, RESUME_KEYS, TrainConfig
+from trainer.model import MetaSeq2Seq, ModelConfig
+
+if TYPE_CHECKING:
+    from trainer.runlog import RunLog
+
+
+def model_config(cfg: TrainConfig, manifest: dict) -> ModelConfig:
+    return ModelConfig(input_vocab_size=len(manifest["input_vocab"]), output_vocab_size=len(manifest["output_vocab"]),
+                       emb_size=cfg.emb_size, nlayers=cfg.nlayers, dropout=cfg.dropout,
+                       disable_memory=cfg.disable_memory, disable_attention=cfg.disable_attention,
+                       attend_query_padding=cfg.attend_query_padding)
+
+
+class LossWrapper(torch.nn.Module):
+    """DDP hooks `forward`, so the loss is the forward of this thin wrapper."""
+
+    def __init__(self, model: MetaSeq2Seq):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss(batch)
+
+
+@dataclass
+class TrainState:
+    model: MetaSeq2Seq
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    episodes_done: int = 0
+    steps: int = 0
+    batches: int = 0        # loader batches trained in full (per process)
+    partial: int = 0        # episodes trained from the next loader batch, when the last step cut it short
+    last_val: dict | None = None
+    history: list = field(default_factory=list)  # provenance of the earlier sessions of this run
+
+
+def build_state(cfg: TrainConfig, manifest: dict, device: torch.device) -> TrainState:
+    torch.manual_seed(cfg.seed)
+    model = MetaSeq2Seq(model_config(cfg, manifest)).to(device)
+    # The fused kernel does the whole update in one pass: 7 ms instead of 15 ms (34 ms with foreach) per step
+    # for the paper's model on one CPU thread, about 8% of a SCAN step at B=1. Same update rule as Adam.
+    state = TrainState(model, torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True))
+    # By episodes seen, not steps: x0.1 at the first step by which another lr_decay_schedule episodes have
+    # been trained, whatever the batch size, a short last batch or an extension by --resume.
+    state.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        state.optimizer, lambda _: 0.1 ** (state.episodes_done // cfg.lr_decay_schedule))
+    return state
+
+
+def restore(state: TrainState, cfg: TrainConfig, manifest_hash: str, world_size: int) -> None:
+    ckpt = load_checkpoint(cfg.checkpoint_path)
+    saved = ckpt["train_config"]
+    for key in RESUME_KEYS:
+        trained_with = saved.get(key, LEGACY_SETTINGS.get(key))
+        if trained_with != getattr(cfg, key):
+            raise UserError(f"cannot resume from {cfg.checkpoint_path}: it was trained with {key}={trained_with!r}, "
+                            f"this run asks for {getattr(cfg, key)!r}")
+    position = ckpt["data_position"]
+    if position["world_size"] != world_size:
+        raise UserError(f"cannot resume from {cfg.checkpoint_path}: it ran on {position['world_size']} "
+                        f"processes, this run has {world_size}")
+    if ckpt["manifest_sha256"] != manifest_hash:
+        raise UserError(f"cannot resume from {cfg.checkpoint_path}: its store {ckpt['store']} has changed since "
+                        "(manifest hash differs)")
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.episodes_done, state.last_val = ckpt["episodes_done"], ckpt["val"]
+    state.batches, state.partial = position["batches"], position.get("partial", 0)
+    state.steps = ckpt.get("steps", position["batches"])  # checkpoints before "steps": one batch per step
+    state.history = [*ckpt.get("provenance_history", []), *([ckpt["provenance"]] if "provenance" in ckpt else [])]
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available() and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+
+
+@dataclass
+class Session:
+    """What one training process holds besides its TrainState."""
+    cfg: TrainConfig
+    ctx: distributed.DistContext
+    device: torch.device
+    manifest: dict
+    manifest_hash: str
+    provenance: dict
+
+
+def checkpoint_payload(state: TrainState, session: Session) -> dict:
+    cfg, manifest = session.cfg, session.manifest
+    on_cuda = next(state.model.parameters()).is_cuda
+    return {
+        "episode_type": cfg.episode_type, "model_config": state.model.cfg.to_dict(), "train_config": asdict(cfg),
+        "model": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
+        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+        "input_vocab": list(manifest["input_vocab"]), "output_vocab": list(manifest["output_vocab"]),
+        "episodes_done": state.episodes_done, "steps": state.steps,
+        "data_position": {"batches": state.batches, "partial": state.partial, "epoch": 0,
+                          "world_size": session.ctx.world_size, "workers": cfg.workers},
+        "store": str(cfg.store_path), "manifest_sha256": session.manifest_hash,
+        "val_shards_sha256": episode_store.val_shards_sha256(manifest),
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if on_cuda else None},
+        "val": state.last_val,
+        "provenance": session.provenance, "provenance_history": state.history,
+    }
+
+
+def save(state: TrainState, session: Session, run: RunLog) -> int:
+    """Rank 0 redraws the curve and writes the checkpoint (atomically); returns the episode count saved."""
+    if session.ctx.is_main:
+        run.draw()
+        save_checkpoint(session.cfg.checkpoint_path, checkpoint_payload(state, session))
+    return state.episodes_done
