@@ -22,6 +22,12 @@ same OMP_NUM_THREADS and GOMP_SPINCOUNT), one process at a time, the two sides a
   emitted EOS; mean_output_length says how far ours went), or on --jump_checkpoints OURS.pt ORIGINAL.tar.
 - flops: training GFLOP per episode on valid tokens (benchmarks/flops.py, analytic), times each side's
   steady-state rate, against this machine's fp32 matmul peak, measured here with the same threads.
+- stacks (--parts stacks): many seeds at the paper's protocol (one episode per step per model). Ours trains M
+  seeds as one stack (`train --seeds`, all threads) for M in --stack_sizes; ours and the original also train
+  seeds as separate runs in the best arrangement the cores allow: one process with all threads, or one
+  process per core with one thread each, side by side. Grid rate = episodes/s summed over the models, from
+  two lengths per model as above; each figure also as GFLOP/s on valid tokens and a fraction of the measured
+  fp32 matmul peak (all threads).
 - tta (--full): time to accuracy, wall clock from launch until the first validation line at the threshold
   (ME: 100% generalization), ours at the default recipe (store generation included) against the original.
 --quick: tiny sizes, to check that everything runs (minutes, not figures). Where the original is absent it
@@ -53,11 +59,11 @@ from pipeline import threads  # noqa: E402  (no torch here: the thread policy mu
 DEFAULT_ORIGINAL = ROOT.parent / "shared" / "original"
 TYPES = ("ME", "scan_prim_augmentation")
 JUMP_TYPE = "scan_prim_augmentation"
-PARTS = ("generation", "training", "add_jump", "flops", "tta")
+PARTS = ("generation", "training", "add_jump", "flops", "tta", "stacks")
 SIZES = {  # training (N1, N2) per type; generation episodes (original, ours) per type; add-jump repeats
-    "default": {"training": {"ME": (100, 600), JUMP_TYPE: (100, 300)},
+    "default": {"training": {"ME": (100, 600), JUMP_TYPE: (100, 300)}, "stacks": {"ME": (50, 150), JUMP_TYPE: (10, 30)},
                 "generation": {"ME": (1000, 20000), JUMP_TYPE: (200, 20000)}, "jump_repeats": 2},
-    "quick": {"training": {"ME": (10, 30), JUMP_TYPE: (2, 6)},
+    "quick": {"training": {"ME": (10, 30), JUMP_TYPE: (2, 6)}, "stacks": {"ME": (4, 12), JUMP_TYPE: (2, 4)},
               "generation": {"ME": (50, 500), JUMP_TYPE: (10, 500)}, "jump_repeats": 1},
 }
 TTA_THRESHOLDS = {"ME": 100.0}  # others (--tta_types): 95%
@@ -306,6 +312,76 @@ def flops_report(training_rows: dict, episodes: int, tmp: Path) -> dict:
     return report
 
 
+# ---- stacks of seeds ----------------------------------------------------------------------------------
+
+def run_side_by_side(argvs: list[list[str]], cwd: Path, env: dict, timeout: float) -> float:
+    """Wall seconds until every command, all started at once, has finished."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(argvs)) as pool:
+        list(pool.map(lambda argv: run_timed(argv, cwd, env, timeout), argvs))
+    return time.perf_counter() - start
+
+
+def grid_rate(runs: list[tuple[int, float]], models: int) -> float | None:
+    """Episodes/s summed over `models` trained side by side; None when too noisy to tell (tiny --quick runs)."""
+    try:
+        return round(models * steady_rate(runs), 2)
+    except ValueError:
+        return None
+
+
+def separate_runs(side: str, episode_type: str, lengths, store: Path, args, cores: int, tmp: Path) -> dict:
+    """Grid rate of separate runs: one process with all threads, and `cores` processes with one thread each."""
+    rates = {}
+    for procs, per_proc in ((1, cores), (cores, 1)):
+        env = child_env(per_proc)
+        runs = []
+        for episodes in lengths:
+            argvs = [original_train_argv(args.original, episode_type, episodes, Path(tempfile.mkdtemp(dir=tmp)))
+                     if side == "original" else
+                     our_train_argv(episode_type, episodes, store, Path(tempfile.mkdtemp(dir=tmp)), per_proc,
+                                    ("--seed", str(k), "--val_every", "100")) for k in range(procs)]
+            runs.append((episodes, run_side_by_side(argvs, args.original if side == "original" else ROOT, env,
+                                                    args.timeout)))
+        rates[f"{procs} process(es) x {per_proc} thread(s)"] = grid_rate(runs, procs)
+    return {"episodes_per_s": rates, "best": max((r for r in rates.values() if r), default=None)}
+
+
+def stacked_runs(episode_type: str, lengths, store: Path, args, cores: int, tmp: Path) -> dict:
+    rates = {}
+    for m in args.stack_sizes:
+        seeds = ",".join(str(k) for k in range(m))
+        runs = [(n, run_timed(our_train_argv(episode_type, n, store, Path(tempfile.mkdtemp(dir=tmp)), cores,
+                                             ("--seeds", seeds, "--val_every", "100")), ROOT, child_env(cores),
+                              args.timeout)) for n in lengths]
+        rates[m] = grid_rate(runs, m)
+    return rates
+
+
+def stacks(episode_type: str, lengths, args, tmp: Path) -> dict:
+    """Ours stacked for each M, ours and the original as separate runs; ratios; FLOPs against the peak."""
+    import torch
+    from flops import matmul_peak_flops
+    from pipeline.threads import usable_cores
+    cores = args.threads or usable_cores()
+    torch.set_num_threads(cores)
+    store = make_store(tmp / "stacks", episode_type, max(lengths))
+    warm_up(args, child_env(cores))
+    original = separate_runs("original", episode_type, lengths, store, args, cores, tmp)
+    ours_separate = separate_runs("ours", episode_type, lengths, store, args, cores, tmp)
+    stacked = stacked_runs(episode_type, lengths, store, args, cores, tmp)
+    peak = matmul_peak_flops() / 1e9
+    gflop = valid_gflop_per_episode(episode_type, 40 if args.quick else 200, tmp)["valid_gflop_per_episode"]
+    fraction = lambda rate: round(gflop * rate / peak, 3) if rate else None  # noqa: E731
+    return {"lengths_per_model": list(lengths), "threads": cores, "fp32_matmul_peak_gflop_s": round(peak, 1),
+            "valid_gflop_per_episode": gflop, "original": original, "ours_separate": ours_separate,
+            "ours_stacked": stacked,
+            "fraction_of_peak": {"original": fraction(original["best"]), "ours_separate": fraction(ours_separate["best"]),
+                                 **{f"stack M={m}": fraction(r) for m, r in stacked.items()}},
+            "ratio_stack_to_original": {m: ratio(r, original["best"]) for m, r in stacked.items()},
+            "ratio_stack_to_ours_separate": {m: ratio(r, ours_separate["best"]) for m, r in stacked.items()}}
+
+
 # ---- time to accuracy (--full) -------------------------------------------------------------------------
 
 def time_to_threshold(argv: list[str], cwd: Path, env: dict, pattern: re.Pattern, threshold: float,
@@ -363,6 +439,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="time to accuracy: both sides at once, half the threads each")
     parser.add_argument("--tta_seed", type=int, default=0, help="time to accuracy: our --seed (store and model)")
     parser.add_argument("--threads", type=int, default=None, help="both sides [default: pipeline.threads' policy]")
+    parser.add_argument("--stack_sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                        help="stacks part: the numbers of seeds trained as one stack")
     parser.add_argument("--repeats", type=int, default=1, help="training runs of each length per side")
     parser.add_argument("--extras", action="store_true", help="also ours with --amp bf16 and with --compile")
     parser.add_argument("--jump_checkpoints", nargs=2, metavar=("OURS_PT", "ORIGINAL_TAR"))
@@ -372,7 +450,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--tta_timeout", type=float, default=7200, help="seconds per time-to-accuracy run")
     args = parser.parse_args(argv)
-    args.parts = args.parts or [p for p in PARTS if p != "tta" or args.full]
+    args.parts = args.parts or [p for p in PARTS if p not in ("tta", "stacks") or args.full]
     args.original = args.original.resolve()
     return args
 
@@ -394,6 +472,8 @@ def run_parts(args, report: dict, tmp: Path) -> None:
         report["flops"] = flops_report(report["training"], 40 if args.quick else 400, tmp)
     if "add_jump" in args.parts:
         report["add_jump"] = add_jump(args, sizes["jump_repeats"], tmp)
+    if "stacks" in args.parts:
+        report["stacks"] = {t: stacks(t, sizes["stacks"][t], args, tmp) for t in args.types}
     if "tta" in args.parts:
         report["time_to_accuracy"] = {t: time_to_accuracy(t, args, tmp) for t in args.tta_types}
 
