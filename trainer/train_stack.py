@@ -138,9 +138,26 @@ def train_stack(cfg: TrainConfig) -> dict:
     ctx = distributed.setup(resolve_device(name).type)
     try:
         device = resolve_device(name, ctx.local_rank)
-        return _train_stack(cfg, seeds_of_rank(tuple(cfg.seeds), ctx), device, ctx)
+        seeds = seeds_of_rank(tuple(cfg.seeds), ctx)
+        if ctx.active:
+            prepare_all_stores(cfg, ctx)
+        return _train_stack(cfg, seeds, device, ctx)
     finally:
         distributed.teardown(ctx)
+
+
+def prepare_all_stores(cfg: TrainConfig, ctx: distributed.DistContext) -> None:
+    """Under torchrun, rank 0 generates every missing store of the stack (one store may serve every seed), the
+    others wait: no two processes write one store."""
+    if ctx.is_main:
+        by_store: dict[str, TrainConfig] = {}
+        for seed in cfg.seeds:  # a store shared by every seed is generated with the first seed, as without torchrun
+            member = with_store_episode_type(member_config(cfg, seed))
+            by_store.setdefault(str(member.store_path), member)
+        for member in by_store.values():
+            check_config(member, 1, "cpu")
+            prepare_store(member, distributed.DistContext())
+    distributed.barrier(ctx)
 
 
 def _train_stack(cfg: TrainConfig, seeds: tuple[int, ...], device: torch.device, ctx) -> dict:
@@ -301,9 +318,9 @@ def record_all(state: TrainState, members: list[Member], losses: list[float], ra
     for member, loss, val in zip(members, losses, scores):
         member.state.episodes_done, member.state.last_val = state.episodes_done, val
         member.run.record_row(member.state, rate, loss, lr)
-    gen = " ".join(_fmt(v["generalization"]) for v in scores)
+    gen = " ".join(f"{m.cfg.seed}:{_fmt(v['generalization'])}" for m, v in zip(members, scores))
     message = (f"episode {state.episodes_done} | {rate:.1f} episodes/s (all models) | loss "
-               f"{sum(losses) / len(losses):.4f} (mean) | val generalization per seed: {gen}")
+               f"{sum(losses) / len(losses):.4f} (mean) | val generalization by seed {gen}")
     print(message, flush=True) if bar.disable else bar.write(message)
 
 
