@@ -221,12 +221,27 @@ class _StackedRecurrence(torch.autograd.Function):
         return grad_gates, grad_h0, grad_c0, grad_w_hh, None
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+class _StackedLinear(torch.autograd.Function):
+    """x (M, R, in) @ weight (M, out, in)^T + bias (M, out). Its own backward computes the weight gradient in
+    the weight's layout (grad^T x): autograd's bmm backward would make it transposed, and every later use
+    (accumulation, clipping, Adam) would copy it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        return grad_x, torch.bmm(grad.transpose(1, 2), x), grad.sum(1)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x (M, ..., in), weight (M, out, in), bias (M, out) -> (M, ..., out)."""
     M = x.shape[0]
-    flat = x.reshape(M, -1, x.shape[-1])
-    w_t = weight.transpose(1, 2)
-    out = torch.bmm(flat, w_t) if bias is None else torch.baddbmm(bias.unsqueeze(1), flat, w_t)
+    out = _StackedLinear.apply(x.reshape(M, -1, x.shape[-1]), weight, bias)
     return out.view(x.shape[:-1] + (weight.shape[1],))
 
 
@@ -461,7 +476,8 @@ def clip_grad_norms_(stacked: StackedMetaSeq2Seq, max_norm: float) -> torch.Tens
     returns the M norms before clipping."""
     grads = [p.grad for p in stacked.weights if p.grad is not None]
     M = stacked.num_models
-    norms = torch.stack([g.reshape(M, -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()   # (M,)
+    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.view(M, -1), dim=1) for g in grads]),
+                                     dim=0)                                                # (M,)
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(coef.view((M,) + (1,) * (g.dim() - 1)).to(g.dtype))
