@@ -170,6 +170,22 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
+def cell_update_(gates: torch.Tensor, c_prev: torch.Tensor, c: torch.Tensor, tanh_c: torch.Tensor,
+                 h: torch.Tensor) -> None:
+    """One LSTM step in place, given the pre-activation gates (..., 4E) in nn.LSTM's order (i, f, g, o): the
+    gates are activated where they are, and c = f * c_prev + i * g, tanh_c = tanh(c), h = o * tanh_c are
+    written into the given tensors (no allocation: at small batches that costs more than the arithmetic)."""
+    E = c.shape[-1]
+    i, f, cand, o = gates.split(E, -1)
+    gates[..., :2 * E].sigmoid_()
+    cand.tanh_()
+    o.sigmoid_()
+    torch.mul(f, c_prev, out=c)
+    c.addcmul_(i, cand)
+    torch.tanh(c, out=tanh_c)
+    torch.mul(o, tanh_c, out=h)
+
+
 class _Recurrence(torch.autograd.Function):
     """One direction of one LSTM layer over packed steps, given the input projections.
 
@@ -202,14 +218,7 @@ class _Recurrence(torch.autograd.Function):
                     torch.addmm(xs[t], h_prev[:n], w_t, out=g)
                 else:
                     torch.add(xs[t], h_prev[:n].to(mm_dtype) @ w_t, out=g)
-                i, f, cand, o = g.split(E, 1)
-                g[:, :2 * E].sigmoid_()
-                cand.tanh_()
-                o.sigmoid_()
-                torch.mul(f, c_prev[:n], out=c)
-                c.addcmul_(i, cand)
-                torch.tanh(c, out=tc)
-                torch.mul(o, tc, out=h)
+                cell_update_(g, c_prev[:n], c, tc, h)
                 h_prev, c_prev = h, c
         ctx.batch_sizes, ctx.reverse, ctx.mm_dtype = batch_sizes, reverse, mm_dtype
         ctx.save_for_backward(gates, c_all, tanh_c, h_all, h0, c0, w_hh)

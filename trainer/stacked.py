@@ -28,6 +28,7 @@ from torch import nn
 
 from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID
 from trainer.batch import EpisodeBatch
+from trainer.lstm import cell_update_
 from trainer.model import DecodeResult, MetaSeq2Seq, ModelConfig, masked_attention
 
 
@@ -167,14 +168,7 @@ class _StackedRecurrence(torch.autograd.Function):
             step = slice(start, start + n)
             g, c, tc, h = gates[:, step], c_all[:, step], tanh_c[:, step], h_all[:, step]
             torch.baddbmm(x_proj[:, step], h_prev[:, :n], w_t, out=g)
-            i, f, cand, o = g.split(E, 2)
-            g[..., :2 * E].sigmoid_()
-            cand.tanh_()
-            o.sigmoid_()
-            torch.mul(f, c_prev[:, :n], out=c)
-            c.addcmul_(i, cand)
-            torch.tanh(c, out=tc)
-            torch.mul(o, tc, out=h)
+            cell_update_(g, c_prev[:, :n], c, tc, h)
             h_prev, c_prev, start = h, c, start + n
         ctx.batch_sizes = batch_sizes
         ctx.save_for_backward(gates, c_all, tanh_c, h_all, h0, c0, w_hh)
