@@ -64,8 +64,8 @@ def scan_test_pairs(split: str) -> tuple[scan.ScanPair, ...]:
 
 
 def parse_support(spec: str) -> list[tuple[str, str]]:
-    """`"jump=I_JUMP,turn left=I_TURN_LEFT"` -> [(input, output), ...]. An input given twice is an error: the
-    memory would hold two meanings for it, and which one wins would be up to the model."""
+    """`"jump=I_JUMP,turn left=I_TURN_LEFT"` -> [(input, output), ...]. An input given two outputs is an error:
+    the memory would hold two meanings for it, and which one wins would be up to the model."""
     pairs = []
     for item in spec.split(","):
         source, sep, target = item.partition("=")
@@ -77,14 +77,15 @@ def parse_support(spec: str) -> list[tuple[str, str]]:
 
 
 def check_support(pairs: list[tuple[str, str]], where: str) -> list[tuple[str, str]]:
-    """`pairs`, if no input occurs twice."""
+    """`pairs` with repeats of the same pair merged (in the order of first occurrence: SCAN files, such as
+    `scan export` writes, repeat some pairs). An input given two different outputs is an error."""
     seen: dict[str, str] = {}
     for source, target in pairs:
-        if source in seen:
-            raise UserError(f"{where}: the input {source!r} is given twice ({source}={seen[source]} and "
-                            f"{source}={target}); a support set gives each input one output")
-        seen[source] = target
-    return pairs
+        if seen.get(source, target) != target:
+            raise UserError(f"{where}: the input {source!r} is given two different outputs ({source}={seen[source]} "
+                            f"and {source}={target}); a support set gives each input one output")
+        seen.setdefault(source, target)
+    return list(seen.items())
 
 
 def read_scan_file(path: str) -> list[tuple[int, scan.ScanPair]]:

@@ -136,9 +136,11 @@ def test_parse_support():
     for bad in ("jump", "jump=", "=I_JUMP", "jump=I_JUMP,", "jump=I_JUMP=I_WALK"):
         with pytest.raises(UserError, match="not of the form INPUT=OUTPUT"):
             parse_support(bad)
-    for duplicate in ("jump=I_JUMP,jump=I_WALK", "jump=I_JUMP, jump =I_JUMP", "turn  left=I_TURN_LEFT,turn left=X"):
-        with pytest.raises(UserError, match="given twice"):
-            parse_support(duplicate)
+    for conflict in ("jump=I_JUMP,jump=I_WALK", "jump=I_JUMP,walk=I_WALK, jump =I_RUN", "turn  left=I_TURN_LEFT,turn left=X"):
+        with pytest.raises(UserError, match="given two different outputs"):
+            parse_support(conflict)
+    # The same pair again is the same support item: merged, in the order of first occurrence.
+    assert parse_support("jump=I_JUMP,walk=I_WALK, jump =I_JUMP") == [("jump", "I_JUMP"), ("walk", "I_WALK")]
 
 
 # ---- faithfulness: eval on validation == the trainer's last validation line ------------------------------

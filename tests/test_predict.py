@@ -70,6 +70,32 @@ def test_outputs_from_stdin_are_evals_predictions(checkpoint, eval_predictions):
     assert len(set(eval_predictions)) > len(PAIRS) // 2  # outputs differ by command: a mix-up would show
 
 
+@pytest.mark.slow
+def test_support_file_from_scan_export_merges_repeated_pairs(checkpoint, eval_predictions, tmp_path):
+    """`scan export` repeats pairs (addprim_jump's training file holds `IN: jump OUT: I_JUMP` 1,467 times): as a
+    support file each pair counts once, so the outputs are those of the file with every pair once."""
+    export = subprocess.run([sys.executable, str(ROOT / "cli.py"), "scan", "export", "--split", "addprim_jump",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert export.returncode == 0, export.stderr
+    exported = tmp_path / "tasks_train_addprim_jump.txt"
+    lines = exported.read_text().splitlines()
+    assert lines.count("IN: jump OUT: I_JUMP") > 1
+    once = tmp_path / "once.txt"
+    once.write_text("".join(f"{line}\n" for line in dict.fromkeys(lines)))
+    commands = [p.command for p in PAIRS[:3]]
+    merged = run("--checkpoint", str(checkpoint), "--support_file", str(exported), *commands)
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stdout == run("--checkpoint", str(checkpoint), "--support_file", str(once), *commands).stdout
+    assert len(merged.stdout.splitlines()) == 3
+    # Conflicting pairs (one input, two outputs) are still refused, naming both.
+    conflict = tmp_path / "conflict.txt"
+    conflict.write_text("IN: jump OUT: I_JUMP\nIN: walk OUT: I_WALK\nIN: jump OUT: I_WALK\n")
+    refused = run("--checkpoint", str(checkpoint), "--support_file", str(conflict), "jump")
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == (f"error: {conflict}: the input 'jump' is given two different outputs (jump=I_JUMP and "
+                              "jump=I_WALK); a support set gives each input one output\n")
+
+
 def test_commands_as_arguments_and_support_from_a_scan_file(capsys, checkpoint, eval_predictions, tmp_path):
     support_file = tmp_path / "support.txt"
     support_file.write_text("".join(f"IN: {pair.replace('=', ' OUT: ')}\n" for pair in SUPPORT.split(",")))
@@ -117,7 +143,7 @@ def test_attention_as_text(checkpoint, eval_predictions):
 
 @pytest.mark.parametrize("args, stdin, expected", [
     (["--support", SUPPORT, "jump twice", "jump blorp"], "", "command 2 ('jump blorp')"),
-    (["--support", "jump=I_JUMP,jump=I_WALK", "jump"], "", "'jump' is given twice"),
+    (["--support", "jump=I_JUMP,jump=I_WALK", "jump"], "", "'jump' is given two different outputs"),
     (["--support", "jump=I_JUMP,walk", "jump"], "", "'walk' is not of the form INPUT=OUTPUT"),
     (["--support", "fly=I_FLY", "jump"], "", "--support"),
     (["jump"], "", "exactly one of --support"),
