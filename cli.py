@@ -190,7 +190,7 @@ def eval_command(**kwargs) -> None:
 @click.argument("commands", nargs=-1)
 def predict(commands: tuple[str, ...], **kwargs) -> None:
     """Print the model's output for each COMMAND (quoted, e.g. "jump twice"), one line per command; with
-    no COMMAND, read them from stdin, one per line."""
+    no COMMAND, read them from stdin, one per line (a blank line gives an empty output line)."""
     from evalsuite.predict import PredictConfig, commands_from_lines, predict as run_predict  # loads torch
     if not commands:
         if sys.stdin.isatty():

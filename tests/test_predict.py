@@ -63,11 +63,21 @@ def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
 
 
 def test_outputs_from_stdin_are_evals_predictions(checkpoint, eval_predictions):
-    result = run("--checkpoint", str(checkpoint), "--support", SUPPORT,
-                 stdin="".join(f"{p.command}\n" for p in PAIRS) + "\n")  # a blank line is no command
+    result = run("--checkpoint", str(checkpoint), "--support", SUPPORT, stdin="".join(f"{p.command}\n" for p in PAIRS))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == eval_predictions
     assert len(set(eval_predictions)) > len(PAIRS) // 2  # outputs differ by command: a mix-up would show
+
+
+def test_blank_input_lines_give_empty_output_lines(checkpoint, eval_predictions, tmp_path):
+    """The output lines up with a file of commands (paste): a blank line (or one of spaces) in, an empty line out."""
+    commands = tmp_path / "commands.txt"
+    commands.write_text(f"{PAIRS[0].command}\n\n{PAIRS[1].command}\n   \n\n{PAIRS[2].command}\n")
+    result = run("--checkpoint", str(checkpoint), "--support", SUPPORT, stdin=commands.read_text())
+    assert result.returncode == 0, result.stderr
+    outputs = result.stdout.splitlines()
+    assert len(outputs) == len(commands.read_text().splitlines()) == 6
+    assert outputs == [eval_predictions[0], "", eval_predictions[1], "", "", eval_predictions[2]]
 
 
 @pytest.mark.slow
