@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evalsuite.report import RESULTS_NAME
-from evalsuite.splits import SCAN_TEST_SPLITS, TYPE_SPLITS, VALIDATION
+from evalsuite.splits import PAPER_NUMBERS, SCAN_TEST_SPLITS, TYPE_SPLITS, VALIDATION
 from pipeline import provenance
 from pipeline.samplers import EPISODE_TYPES
 from pipeline.shardio import write_bytes_atomically
@@ -22,14 +22,9 @@ RUN_RECORD = "run.json"
 VARIANTS = ("full", "no_memory", "no_attention", "no_support_loss")  # the paper's ablations after the full model
 VAL_GENERALIZATION, VAL_RETRIEVAL = "validation_generalization", "validation_retrieval"
 
-# The paper's numbers for the full model, as widely cited (DESIGN.md): ME is solved (100% on held-out
-# episodes); add jump is reported for permutation meta-training; around right is cited as 98.71 or 99.9.
-PAPER = {
-    ("ME", VAL_GENERALIZATION): 100.0,
-    ("scan_prim_permutation", "addprim_jump"): SCAN_TEST_SPLITS["addprim_jump"].paper,
-    ("scan_around_right", "template_around_right"): SCAN_TEST_SPLITS["template_around_right"].paper,
-    ("scan_length", "length"): SCAN_TEST_SPLITS["length"].paper,
-}
+# The paper's numbers for the full model (evalsuite/splits.py holds them, for eval too), by metric name.
+PAPER = {(episode_type, VAL_GENERALIZATION if split == VALIDATION else split): number.accuracy
+         for (episode_type, split), number in PAPER_NUMBERS.items()}
 METRIC_LABELS = {VAL_GENERALIZATION: "val generalization", VAL_RETRIEVAL: "val retrieval",
                  "addprim_jump": "add jump", "template_around_right": "around right", "length": "length"}
 

@@ -15,7 +15,7 @@ import torch
 from evalsuite import report
 from evalsuite.decode import DEFAULT_CHUNK_SIZE, decode_shared_support
 from evalsuite.metrics import QueryResult, score_episodes, score_queries
-from evalsuite.splits import (SCAN_FILE, SCAN_TEST_SPLITS, VALIDATION, parse_support, read_scan_file,
+from evalsuite.splits import (SCAN_FILE, SCAN_TEST_SPLITS, VALIDATION, paper_number, parse_support, read_scan_file,
                               scan_test_pairs, splits_for)
 from pipeline.errors import UserError
 from pipeline.shardio import file_sha256
@@ -92,7 +92,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     decoded = {}
     for task in tasks:
         decoded[task.name], seconds = decode_task(task, loaded, cfg)
-        results["splits"][task.name] = split_scores(task, decoded[task.name], seconds)
+        results["splits"][task.name] = split_scores(task, decoded[task.name], seconds, ckpt.get("episode_type"))
     write_report(cfg, loaded, tasks, decoded, results)
     return results
 
@@ -257,13 +257,14 @@ def decode_episode(episode: Episode, loaded: Loaded, cfg: EvalConfig,
             for (i, t), p in zip(episode.queries, predictions)]
 
 
-def split_scores(task: SplitTask, per_episode: list[list[QueryResult]], seconds: float) -> dict:
+def split_scores(task: SplitTask, per_episode: list[list[QueryResult]], seconds: float,
+                 episode_type: str | None) -> dict:
     if task.episodic:
         scores = score_episodes(per_episode)
         scores = {"n": sum(len(e) for e in per_episode), **scores}
     else:
         scores = score_queries(per_episode[0])
         scores["support"] = [{"input": i, "output": o} for i, o in task.episodes[0].support]
-    split = SCAN_TEST_SPLITS.get(task.name)
-    scores["paper"] = {"accuracy": split.paper, "note": split.paper_note} if split else None
+    paper = paper_number(episode_type, task.name)
+    scores["paper"] = {"accuracy": paper.accuracy, "note": paper.note} if paper else None
     return {**scores, "decode_seconds": round(seconds, 3), "predictions": report.predictions_name(task.name)}
