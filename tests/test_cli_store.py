@@ -168,7 +168,7 @@ def test_user_error_oserror_and_interrupt_become_one_line(capsys):
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "cli.py", "generate", "--episode_type", "nope", "--out",
-                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "generate", "--episode_type", "nope", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("error: unknown episode type 'nope'") and result.stderr.count("\n") == 1

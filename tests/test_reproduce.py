@@ -22,7 +22,7 @@ TINY = ["--num_episodes", "48", "--emb_size", "16", "--nlayers", "1", "--batch_s
 
 def reproduce(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "cli.py", "reproduce", "--out", str(out), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), "reproduce", "--out", str(out), *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -139,7 +139,7 @@ def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
             "--nlayers", "1", "--batch_size", "8", "--threads", "1", "--val_every", "80", "--checkpoint_every", "80"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Started as a shell starts `cmd &` (SIGINT ignored, which Python keeps): `kill -INT` must stop it all the same.
-    grid = subprocess.Popen([sys.executable, "cli.py", "reproduce", "--out", str(tmp_path), *args], cwd=ROOT,
+    grid = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "reproduce", "--out", str(tmp_path), *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     second = Run("ME", "full", 1)
@@ -155,7 +155,7 @@ def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
 
     first_ckpt = Run("ME", "full", 0).checkpoint(tmp_path)
     first_mtime = first_ckpt.stat().st_mtime_ns
-    again = subprocess.run([sys.executable, "cli.py", "reproduce", "--out", str(tmp_path), *args], cwd=ROOT, env=env,
+    again = subprocess.run([sys.executable, str(ROOT / "cli.py"), "reproduce", "--out", str(tmp_path), *args], env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "[skip] ME/full/seed0" in again.stdout and f"[resume] ME/full/seed1: from episode {interrupted_at}" in again.stdout

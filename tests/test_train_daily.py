@@ -49,7 +49,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def cli_process(*args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", *args], cwd=ROOT, text=True,
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", *args], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**environ_without_wait_setting(), "OMP_NUM_THREADS": "1"}, **popen)
 
@@ -90,7 +90,7 @@ def test_amp_bf16_on_a_cpu_without_bf16_is_one_line_and_writes_nothing(tmp_path)
     result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--amp", "bf16", "--device", "cpu",
                              "--episode_type", "ME", "--store", str(tmp_path / "store"), "--no_generate",
                              "--num_episodes", "16", "--dir_model", str(model_dir)],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120,
                             env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"})
     if "no episode store" in result.stderr:
         pytest.skip("this oneDNN runs bf16 LSTMs even when limited to AVX2")

@@ -136,8 +136,14 @@ def test_asking_for_more_episodes_than_the_store_holds_is_an_error(me_store, tmp
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    """In the test's own temporary directory (tests/conftest.py), never the checkout: its out_models/ is the
+    user's, and `train` without --dir_model would find a checkpoint there."""
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_tests_run_outside_the_checkout():
+    assert ROOT not in Path.cwd().resolve().parents and Path.cwd().resolve() != ROOT
 
 
 @pytest.mark.parametrize("make_bad, message", [
@@ -172,7 +178,7 @@ def test_torchrun_two_processes_generate_a_store_that_fits_them(tmp_path):
                str(ROOT / "cli.py"), "train", "--episode_type", "ME", "--store", str(store), "--emb_size", "16",
                "--num_episodes", "80", "--val_every", "40", "--batch_size", "8", "--workers", "1", "--no_progress",
                "--dir_model", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert [s["count"] for s in episode_store.load_manifest(store)["shards"] if s["split"] == "train"] == [40, 40]
