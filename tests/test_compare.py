@@ -26,7 +26,7 @@ from trainer.train import log_line  # noqa: E402
 
 ORIGINAL = compare.DEFAULT_ORIGINAL
 needs_original = pytest.mark.skipif(compare.skip_reason(ORIGINAL) is not None,
-                                    reason=f"the original code is not at {ORIGINAL}")
+                                    reason=str(compare.skip_reason(ORIGINAL)))
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -91,7 +91,7 @@ def test_skips_cleanly_without_the_original(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--original",
                            str(tmp_path / "absent")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
-    assert "absent" in json.loads(done.stdout)["skipped"]
+    assert "absent" in json.loads(done.stdout)["skipped"] and "METASEQ2SEQ_ORIGINAL" in done.stderr
     assert done.stderr.startswith("compare.py: skipped: ")
 
 

@@ -34,7 +34,8 @@ from trainer.model import MetaSeq2Seq, ModelConfig
 from trainer.train import TrainConfig, train
 
 ROOT = Path(__file__).parents[1]
-OFFICIAL_SCAN = ROOT.parent / "shared" / "scan"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from references import scan_file, scan_missing  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
@@ -112,9 +113,9 @@ def test_scan_test_split_sizes(split, size):
 
 @pytest.mark.parametrize("split", ["addprim_jump", "template_around_right", "length"])
 def test_scan_test_splits_are_the_official_files(split):
-    official = OFFICIAL_SCAN / f"tasks_test_{split}.txt"
-    if not official.exists():
-        pytest.skip("official SCAN files not at hand")
+    official = scan_file(f"tasks_test_{split}.txt")
+    if official is None:
+        pytest.skip(scan_missing(f"tasks_test_{split}.txt"))
     lines = [f"IN: {p.command} OUT: {p.actions}" for p in scan_test_pairs(split)]
     assert sorted(lines) == sorted(official.read_text().splitlines())  # the official files are shuffled
 
