@@ -214,6 +214,10 @@ def check_validation_data(store: Path, ckpt: dict) -> None:
     """The store's validation shards must be those the checkpoint was validated on. Checkpoints name them by
     their sha256, so a store regenerated with other training episodes still fits; older checkpoints have
     only the hash of the whole manifest, which any change to the store alters."""
+    held, trained = load_manifest(store).get("episode_type"), ckpt.get("episode_type")
+    if held != trained:  # say so first: every hash differs too, but this is the mistake to name
+        raise UserError(f"the episode types differ: the store {store} holds {held} episodes and the checkpoint "
+                        f"was trained on {trained}; pass --store PATH to its {trained} store")
     recorded = ckpt.get("val_shards_sha256")
     if recorded is None:
         if manifest_sha256(store) != ckpt.get("manifest_sha256"):

@@ -426,6 +426,14 @@ def test_store_with_other_validation_shards_is_refused(capsys, me_checkpoint, tm
     assert not (tmp_path / "o").exists()
 
 
+def test_store_of_another_episode_type_is_refused_as_such(capsys, aug_checkpoint, tmp_path):
+    me_store = generate(GenerateConfig("ME", num_episodes=10, out=str(tmp_path / "stores"), workers=1, progress=False))
+    code, err = invoke(capsys, "--checkpoint", str(aug_checkpoint), "--store", str(me_store), "--out", str(tmp_path / "o"))
+    assert_one_error_line(code, err, "the episode types differ", "holds ME episodes",
+                          "trained on scan_prim_augmentation")
+    assert not (tmp_path / "o").exists()
+
+
 def test_split_that_does_not_fit_the_type(capsys, me_checkpoint):
     code, err = invoke(capsys, "--checkpoint", str(me_checkpoint), "--split", "addprim_jump")
     assert_one_error_line(code, err, "'addprim_jump' does not fit a ME checkpoint")
