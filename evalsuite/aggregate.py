@@ -198,11 +198,21 @@ def aggregate_grid(out: str | Path, runs: list[Run], grid_config: dict) -> dict:
 
 def plot_grid(groups: list[dict], path: Path) -> None:
     """One panel per metric; each (experiment, variant) a column, each seed a dot, the paper's number a cross."""
+    import matplotlib.pyplot as plt
+    fig = grid_figure(groups)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def grid_figure(groups: list[dict]):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = [n for n in METRIC_LABELS if any(n in g["metrics"] for g in groups)]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 4.6), squeeze=False,
+                             layout="constrained")
     for ax, name in zip(axes[0], names):
         columns = [g for g in groups if name in g["metrics"]]
         for x, g in enumerate(columns):
@@ -220,9 +230,6 @@ def plot_grid(groups: list[dict], path: Path) -> None:
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             by_label.setdefault(label, handle)
-    fig.legend(by_label.values(), by_label.keys(), loc="upper right")
-    fig.tight_layout(rect=(0, 0, 0.93, 1))
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    # Below the panels, outside them: in a corner it covered dots and crowded the tick labels.
+    fig.legend(by_label.values(), by_label.keys(), loc="outside lower center", ncols=max(1, len(by_label)))
+    return fig

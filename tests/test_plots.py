@@ -1,12 +1,14 @@
-"""The figures a user looks at: the training curve's loss axis."""
+"""The figures a user looks at: the training curve's loss axis and the legend of reproduce's results.png."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
 
+from evalsuite.aggregate import grid_figure
 from trainer.report import curve_figure, plain_number
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,3 +44,20 @@ def test_loss_axis_labels_are_plain_decimals(losses):
 def test_plain_number():
     assert [plain_number(x) for x in (1.25, 1.3, 0.001, 20.0, 1000.0, 0.04)] == [
         "1.25", "1.3", "0.001", "20", "1000", "0.04"]
+
+
+def test_results_legend_is_outside_the_panels():
+    groups = json.loads((ROOT / "docs" / "results.json").read_text())["groups"]
+    fig = grid_figure(groups)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        legend = fig.legends[0].get_window_extent(renderer)
+        panels = [ax.get_tightbbox(renderer) for ax in fig.axes]  # with their tick labels and titles
+    finally:
+        plt.close(fig)
+    assert len(panels) == 5
+    for panel in panels:
+        assert not legend.overlaps(panel)
+    assert legend.y1 <= min(panel.y0 for panel in panels) + 1  # below all of them
+    assert legend.x0 >= 0 and legend.x1 <= fig.bbox.x1  # and inside the figure
