@@ -434,6 +434,50 @@ def test_store_of_another_episode_type_is_refused_as_such(capsys, aug_checkpoint
     assert not (tmp_path / "o").exists()
 
 
+def test_the_originals_test_py_flags_find_the_checkpoint(capsys, me_checkpoint, tmp_path):
+    """`python test.py --episode_type ME --fn_in_model net_ME.tar --dir_model out_models`, with `cli.py eval` in
+    place of `test.py`: out_models/net_ME.tar does not exist, the net_ME.pt that train writes does."""
+    assert Path.cwd() == tmp_path  # tests/conftest.py: out_models/ here is the test's own
+    (tmp_path / "out_models").mkdir()
+    shutil.copy(me_checkpoint, tmp_path / "out_models" / "net_ME.pt")
+    code = run_cli(cli, ["eval", "--episode_type", "ME", "--fn_in_model", "net_ME.tar", "--dir_model", "out_models"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("out_models/net_ME.pt (ME, 400 episodes)")
+    assert out.splitlines()[-1] == "report: out_models/net_ME.eval"
+    by_flags = json.loads((tmp_path / "out_models" / "net_ME.eval" / "results.json").read_text())
+    by_path = evaluate(EvalConfig(str(me_checkpoint), out=str(tmp_path / "by_path")))
+    assert by_flags["splits"]["validation"]["accuracy"] == by_path["splits"]["validation"]["accuracy"]
+    assert by_flags["checkpoint"]["sha256"] == by_path["checkpoint"]["sha256"]
+    # --dir_model alone with --episode_type: net_<type>.pt; --fn_in_model alone: in out_models, as test.py.
+    assert run_cli(cli, ["eval", "--episode_type", "ME", "--dir_model", "out_models", "--out", "a"]) == 0
+    assert run_cli(cli, ["eval", "--fn_in_model", "net_ME.pt", "--out", "b", "--split", "validation"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--episode_type", "scan_length", "--fn_in_model", "net_ME.pt", "--dir_model", "models"],
+     ["--episode_type scan_length differs", "(ME)"]),
+    (["--episode_type", "scan_length", "--fn_in_model", "net_scan_length.tar", "--dir_model", "models"],
+     ["no checkpoint at models/net_scan_length.tar nor models/net_scan_length.pt"]),
+    ([], ["no checkpoint given", "--checkpoint PATH", "--dir_model DIR and --fn_in_model FILE"]),
+    (["--episode_type", "ME"], ["no checkpoint given"]),
+    (["--checkpoint", "models/net_ME.pt", "--dir_model", "models", "--fn_in_model", "other.pt"],
+     ["no checkpoint at models/other.pt"]),
+    (["--checkpoint", "elsewhere/net_ME.pt", "--dir_model", "models", "--fn_in_model", "net_ME.tar"],
+     ["--checkpoint elsewhere/net_ME.pt and --dir_model/--fn_in_model (models/net_ME.pt) name different files"]),
+])
+def test_the_originals_flags_disagreeing_or_missing_are_one_line(capsys, me_checkpoint, tmp_path, args, expected):
+    (tmp_path / "models").mkdir()
+    shutil.copy(me_checkpoint, tmp_path / "models" / "net_ME.pt")
+    (tmp_path / "models" / "other.pt").unlink(missing_ok=True)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(me_checkpoint, tmp_path / "elsewhere" / "net_ME.pt")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert_one_error_line(*invoke(capsys, *args), *expected)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no report written
+
+
 def test_split_that_does_not_fit_the_type(capsys, me_checkpoint):
     code, err = invoke(capsys, "--checkpoint", str(me_checkpoint), "--split", "addprim_jump")
     assert_one_error_line(code, err, "'addprim_jump' does not fit a ME checkpoint")
