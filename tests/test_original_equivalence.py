@@ -337,6 +337,7 @@ def test_unequal_length_queries_differ_only_by_the_originals_padded_attention(or
 
 # ---- 3. training mode, dropout on: the same loss distribution -----------------------------------------------
 
+@pytest.mark.slow
 def test_dropout_in_training_gives_the_originals_loss_distribution(original):
     """With dropout on, the two draw their masks differently, so single losses differ; but if the masks
     sit in the same places at the same rate, the loss over many draws has the same mean and spread. A

@@ -34,6 +34,7 @@ def tiny_grid(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_a_tiny_grid_writes_every_file(tiny_grid):
     out, result = tiny_grid
     for experiment in ("ME", "scan_around_right"):
@@ -56,6 +57,7 @@ def test_a_tiny_grid_writes_every_file(tiny_grid):
     assert "Trained on: cpu (" in table and "(4 runs)" in table  # where the runs trained, not only aggregated
 
 
+@pytest.mark.slow
 def test_the_seeds_differ_in_store_init_and_order(tiny_grid):
     out, _ = tiny_grid
     manifests = [json.loads((out / "stores" / f"seed{s}" / "ME" / "manifest.json").read_text()) for s in (0, 1)]
@@ -64,6 +66,7 @@ def test_the_seeds_differ_in_store_init_and_order(tiny_grid):
     assert not torch.equal(weights[0]["out.weight"], weights[1]["out.weight"])
 
 
+@pytest.mark.slow
 def test_running_the_same_grid_again_skips_every_run(tiny_grid):
     out, _ = tiny_grid
     checkpoints = sorted(out.glob("*/full/seed*/net_*.pt"))
@@ -74,6 +77,7 @@ def test_running_the_same_grid_again_skips_every_run(tiny_grid):
     assert [p.stat().st_mtime_ns for p in checkpoints] == before
 
 
+@pytest.mark.slow
 def test_a_grid_with_other_settings_in_the_same_folder_is_refused(tiny_grid):
     out, _ = tiny_grid
     result = reproduce(out, "--experiments", "ME", "--seeds", "0", *TINY[:-4], "--batch_size", "4", "--threads", "1")
@@ -120,9 +124,9 @@ def test_the_aggregate_equals_a_hand_computation(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--experiments", "ME,nope"], "unknown experiment 'nope'"),
-    (["--variants", "full,no_memry"], "unknown variant 'no_memry'"),
-    (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
-    (["--jobs", "0"], "--jobs and --threads must be at least 1"),
+    pytest.param(["--variants", "full,no_memry"], "unknown variant 'no_memry'", marks=pytest.mark.slow),
+    pytest.param(["--seeds", "0,x"], "--seeds must be comma-separated integers", marks=pytest.mark.slow),
+    pytest.param(["--jobs", "0"], "--jobs and --threads must be at least 1", marks=pytest.mark.slow),
 ])
 def test_a_bad_grid_is_one_line_before_any_work(tmp_path, args, message):
     out = tmp_path / "runs"
@@ -132,6 +136,7 @@ def test_a_bad_grid_is_one_line_before_any_work(tmp_path, args, message):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
     """Seed 0 finishes; seed 1 is interrupted mid-training; the same command then finishes only seed 1, from its
     checkpoint, and the metrics show no episode trained twice."""

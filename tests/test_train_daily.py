@@ -84,6 +84,7 @@ def test_fp32_on_a_gpu_turns_off_cudnns_tf32_and_leaves_the_cpu_alone():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
+@pytest.mark.slow
 def test_amp_bf16_on_a_cpu_without_bf16_is_one_line_and_writes_nothing(tmp_path):
     # oneDNN limited to AVX2 is the CPU of the issue: its bf16 LSTM primitive does not exist.
     model_dir = tmp_path / "models"
@@ -147,6 +148,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_sigterm_save_after_the_step_and_resuming_ends_like_an_uninterrupted_run(store, tmp_path,
                                                                                              one_thread):
     model_dir = tmp_path / "cut"
@@ -196,6 +198,7 @@ def test_a_signal_asks_to_stop_and_a_second_one_later_aborts():
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_so_and_a_larger_num_episodes_extends_it(store, tmp_path, capsys):
     run(store, tmp_path / "straight", num_episodes=80)
     run(store, tmp_path / "grown", num_episodes=40)
@@ -213,6 +216,7 @@ def test_resuming_a_finished_run_says_so_and_a_larger_num_episodes_extends_it(st
     assert "num_episodes" not in RESUME_KEYS
 
 
+@pytest.mark.slow
 def test_lr_decays_by_episodes_seen_across_an_extension(store, tmp_path):
     # 20 episodes: two steps of 8 and one cut to 4; the decay at episode 16 comes at the second step.
     run(store, tmp_path, num_episodes=20, lr=1e-3, lr_decay_schedule=16)
@@ -308,6 +312,7 @@ def test_train_help_shows_the_real_defaults(capsys):
             assert param.default == fields[param.name].default, param.name
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_attend_query_padding_resumes_as_masked(store, tmp_path):
     run(store, tmp_path)
     path = tmp_path / "net_ME.pt"

@@ -73,6 +73,7 @@ def run_train(store: Path, model_dir: Path, **overrides) -> dict:
     return train(cfg)
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(me_store, tmp_path):
     run_train(me_store, tmp_path / "straight")
     run_train(me_store, tmp_path / "resumed", stop_after=72)
@@ -149,8 +150,10 @@ def test_tests_run_outside_the_checkout():
 @pytest.mark.parametrize("make_bad, message", [
     (lambda store, tmp: ["--store", str(tmp / "nowhere"), "--no_generate"], "no episode store"),
     (lambda store, tmp: ["--store", str(store), "--dir_model", "/proc/forbidden"], "cannot write to --dir_model"),
-    (lambda store, tmp: ["--store", str(store), "--batch_size", "0"], "--batch_size must be positive"),
-    (lambda store, tmp: ["--episode_type", "scan_jump", "--store", str(tmp / "ME")], "choose one of: ME"),
+    pytest.param(lambda store, tmp: ["--store", str(store), "--batch_size", "0"], "--batch_size must be positive",
+                 marks=pytest.mark.slow),
+    pytest.param(lambda store, tmp: ["--episode_type", "scan_jump", "--store", str(tmp / "ME")], "choose one of: ME",
+                 marks=pytest.mark.slow),
 ])
 def test_train_bad_input_is_one_line(me_store, tmp_path, make_bad, message):
     result = run_cli("train", "--episode_type", "ME", "--emb_size", "16", "--num_episodes", "16",
@@ -160,6 +163,7 @@ def test_train_bad_input_is_one_line(me_store, tmp_path, make_bad, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_train_refuses_a_store_that_fails_verification(me_store, tmp_path):
     import shutil
     broken = tmp_path / "ME"
@@ -171,6 +175,7 @@ def test_train_refuses_a_store_that_fails_verification(me_store, tmp_path):
     assert result.returncode != 0 and "fails verification" in result.stderr and "train-000001" in result.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_generate_a_store_that_fits_them(tmp_path):
     # The store is missing: rank 0 generates it with a shard for each (process, worker), all ranks train.
     store = tmp_path / "two ranks"
