@@ -74,6 +74,7 @@ def test_generate_verify_publish(tmp_path, capsys):
     assert code == 0 and (tmp_path / "export" / "data" / "train-00000-of-00001.parquet").is_file()
 
 
+@pytest.mark.slow
 def test_two_concurrent_generates_end_with_one_complete_store(tmp_path):
     """Both processes start while the store is locked (here by the test), so both must wait; once it is
     released, one writes the store and the other waits for it and then finds it identical."""

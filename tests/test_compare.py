@@ -78,6 +78,7 @@ def test_original_validation_lines_are_recognised():
     assert compare.first_at_threshold(lines, compare.ORIGINAL_LINE, 100.0) == (3600, 100.0)
 
 
+@pytest.mark.slow
 @needs_original
 def test_original_generation_is_timed_in_its_folder():
     done = subprocess.run([sys.executable, "-c", compare.ORIGINAL_GENERATION, "ME", "3"], cwd=ORIGINAL,
@@ -147,6 +148,7 @@ for episode, generalization in ((100, 50.0), (200, 96.0), (300, 100.0)):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side_by_side", [False, True])
 def test_time_to_accuracy_times_both_sides_and_can_run_them_at_once(monkeypatch, tmp_path, side_by_side):
     ours_fmt = "episode {} | 9.0 episodes/s | loss 0.1 | val retrieval 100.0% | val generalization {}%"

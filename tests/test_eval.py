@@ -158,6 +158,7 @@ def test_validation_matches_the_trainers_numbers(me_checkpoint, tmp_path):
 
 # ---- the report ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_report_files_for_addprim_jump(aug_checkpoint, tmp_path):
     results = evaluate(EvalConfig(str(aug_checkpoint), out=str(tmp_path), plot=2))
     written = json.loads((tmp_path / "results.json").read_text())
@@ -367,6 +368,7 @@ def test_missing_checkpoint(capsys, tmp_path):
     assert_one_error_line(*invoke(capsys, "--checkpoint", str(tmp_path / "none.pt")), "no checkpoint")
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_via_subprocess(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00garbage\xff")

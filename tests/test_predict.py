@@ -131,6 +131,7 @@ def model_attention(checkpoint: Path, support: list[tuple[str, str]], command: s
             result.memory_attention[0, 0], result.decoder_attention[0, 0, :n])
 
 
+@pytest.mark.slow
 def test_attention_as_text(checkpoint, eval_predictions):
     command = PAIRS[3].command
     result = run("--checkpoint", str(checkpoint), "--support", SUPPORT, "--attention", command)
@@ -168,6 +169,7 @@ def test_bad_input_is_one_error_line(capsys, monkeypatch, checkpoint, args, stdi
     assert expected in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_real_process(checkpoint):
     result = run("--checkpoint", str(checkpoint), "--support", SUPPORT, stdin="jump twice\njump blorp\n")
     assert (result.returncode, result.stdout) == (1, "")

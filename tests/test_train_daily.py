@@ -326,6 +326,7 @@ def test_a_checkpoint_from_before_attend_query_padding_resumes_as_masked(store, 
     assert resumed["episodes_done"] == 96 and resumed["model_config"]["attend_query_padding"] is False
 
 
+@pytest.mark.slow
 def test_reset_adam_at_decay_starts_adam_again_at_each_decay(store, tmp_path):
     # 5 steps of 8 episodes, decay at 24: Adam's step count runs on through the decay, or restarts there.
     for reset in (False, True):

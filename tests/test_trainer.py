@@ -87,6 +87,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(me_store, tmp_pa
     assert resumed["val"] == straight["val"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_other_seed_other_weights(me_store, tmp_path):
     weights = []
     for run, seed in (("a", 0), ("b", 0), ("c", 1)):
@@ -149,7 +150,8 @@ def test_tests_run_outside_the_checkout():
 
 @pytest.mark.parametrize("make_bad, message", [
     (lambda store, tmp: ["--store", str(tmp / "nowhere"), "--no_generate"], "no episode store"),
-    (lambda store, tmp: ["--store", str(store), "--dir_model", "/proc/forbidden"], "cannot write to --dir_model"),
+    pytest.param(lambda store, tmp: ["--store", str(store), "--dir_model", "/proc/forbidden"],
+                 "cannot write to --dir_model", marks=pytest.mark.slow),
     pytest.param(lambda store, tmp: ["--store", str(store), "--batch_size", "0"], "--batch_size must be positive",
                  marks=pytest.mark.slow),
     pytest.param(lambda store, tmp: ["--episode_type", "scan_jump", "--store", str(tmp / "ME")], "choose one of: ME",
