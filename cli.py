@@ -179,7 +179,16 @@ def passed_to_train(command):
 
 
 @cli.command("eval")
-@click.option("--checkpoint", required=True, help="A checkpoint written by `train`, e.g. out_models/net_ME.pt.")
+@click.option("--checkpoint", default=None,
+              help="A checkpoint written by `train`, e.g. out_models/net_ME.pt (or give --dir_model/--fn_in_model).")
+@click.option("--dir_model", default=None,
+              help="As the original's test.py: the checkpoint's directory.  [default with --fn_in_model: out_models]")
+@click.option("--fn_in_model", default=None,
+              help="As the original's test.py: the checkpoint's file name in --dir_model; net_T.tar also finds "
+                   "net_T.pt, the name train writes.  [default: net_<episode_type>.pt]")
+@click.option("--episode_type", default=None, metavar="|".join(EPISODE_TYPES),
+              help="Check that the checkpoint was trained on these episodes (the original's test.py flag).  "
+                   "[default: the checkpoint's]")
 @click.option("--split", default=None, metavar="NAME",
               help="validation, addprim_jump, template_around_right or length (must fit the checkpoint's "
                    "episode type). Default: validation and the type's SCAN test split.")
@@ -198,12 +207,14 @@ def passed_to_train(command):
               help="The episode store, if it moved since training.  [default: the checkpoint's]")
 @click.option("--progress/--no_progress", default=True, help="Show a progress bar.")
 @threads_option
-def eval_command(**kwargs) -> None:
+def eval_command(checkpoint: str | None, dir_model: str | None, fn_in_model: str | None, **kwargs) -> None:
     """Score a checkpoint on its validation episodes and SCAN test split; write DIR/results.json,
-    predictions_<split>.jsonl and (with --plot) attention heatmaps."""
-    from evalsuite.evaluate import EvalConfig, evaluate  # here: it loads torch
+    predictions_<split>.jsonl and (with --plot) attention heatmaps. The original's
+    `test.py --episode_type T --fn_in_model net_T.tar --dir_model out_models` works with `cli.py eval` too."""
+    from evalsuite.evaluate import EvalConfig, evaluate, resolve_checkpoint  # here: it loads torch
     from evalsuite.report import summary_table
-    cfg = EvalConfig(**kwargs)
+    checkpoint = resolve_checkpoint(checkpoint, dir_model, fn_in_model, kwargs["episode_type"])
+    cfg = EvalConfig(checkpoint=checkpoint, **kwargs)
     results = evaluate(cfg)
     click.echo(summary_table(results))
     click.echo(f"report: {cfg.out_dir}")
@@ -223,7 +234,7 @@ def eval_command(**kwargs) -> None:
 @click.argument("commands", nargs=-1)
 def predict(commands: tuple[str, ...], **kwargs) -> None:
     """Print the model's output for each COMMAND (quoted, e.g. "jump twice"), one line per command; with
-    no COMMAND, read them from stdin, one per line."""
+    no COMMAND, read them from stdin, one per line (a blank line gives an empty output line)."""
     from evalsuite.predict import PredictConfig, commands_from_lines, predict as run_predict  # loads torch
     if not commands:
         if sys.stdin.isatty():

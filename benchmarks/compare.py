@@ -1,4 +1,5 @@
-"""Us against the original code (../shared/original), in one run on one machine, alternating; prints JSON.
+"""Us against the original code ($METASEQ2SEQ_ORIGINAL, else ../shared/original), in one run on one machine,
+alternating; prints JSON.
 
     python benchmarks/compare.py [--quick | --full] [--threads N] [--repeats R] [--extras]
                                  [--parts generation training add_jump flops tta] [--original PATH]
@@ -54,9 +55,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import load_average, read_cpu_info  # noqa: E402
+from references import original_dir, original_missing  # noqa: E402
 from pipeline import threads  # noqa: E402  (no torch here: the thread policy must come first)
 
-DEFAULT_ORIGINAL = ROOT.parent / "shared" / "original"
+DEFAULT_ORIGINAL = original_dir()  # $METASEQ2SEQ_ORIGINAL, else ../shared/original (benchmarks/references.py)
 TYPES = ("ME", "scan_prim_augmentation")
 JUMP_TYPE = "scan_prim_augmentation"
 PARTS = ("generation", "training", "add_jump", "flops", "tta", "stacks")
@@ -457,7 +459,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def skip_reason(original: Path) -> str | None:
     if not (original / "train.py").is_file() or not (original / "test.py").is_file():
-        return f"the original code is not at {original} (train.py and test.py); nothing to compare against"
+        return f"{original_missing(original)} (train.py and test.py); nothing to compare against"
     return None
 
 

@@ -14,7 +14,7 @@ import torch
 
 from evalsuite import report
 from evalsuite.decode import DEFAULT_CHUNK_SIZE, decode_shared_support
-from evalsuite.splits import (SCAN_FILE, SCAN_TEST_SPLITS, VALIDATION, parse_support, read_scan_file,
+from evalsuite.splits import (SCAN_FILE, SCAN_TEST_SPLITS, VALIDATION, paper_number, parse_support, read_scan_file,
                               scan_test_pairs, splits_for)
 from pipeline.errors import UserError
 from pipeline.shardio import file_sha256
@@ -41,11 +41,39 @@ class EvalConfig:
     store: str | None = None        # overrides the store path recorded in the checkpoint
     chunk_size: int = DEFAULT_CHUNK_SIZE  # queries per pseudo-episode when many share one support set
     progress: bool = False
+    episode_type: str | None = None  # if given, the checkpoint's episode type must be this one
 
     @property
     def out_dir(self) -> Path:
         """Beside the checkpoint by default, named after it: two runs' `net_ME.pt` never share a report."""
         return Path(self.out) if self.out else default_out_dir(self.checkpoint)
+
+
+def resolve_checkpoint(checkpoint: str | None, dir_model: str | None, fn_in_model: str | None,
+                       episode_type: str | None) -> str:
+    """The checkpoint file, from --checkpoint or from the original test.py's --dir_model/--fn_in_model: DIR/FN,
+    DIR defaulting to out_models and FN to net_<episode_type>.pt. FN `net_T.tar` (the original's name) also
+    finds `net_T.pt`, the name `train` writes. Given both ways, they must name the same file."""
+    if dir_model is None and fn_in_model is None:
+        if checkpoint is None:
+            raise UserError("no checkpoint given: pass --checkpoint PATH, or --dir_model DIR and --fn_in_model FILE "
+                            "(as the original's test.py)")
+        return checkpoint
+    if not fn_in_model and not episode_type:
+        raise UserError("--dir_model needs --fn_in_model FILE (or --episode_type T, for net_T.pt)")
+    folder = Path(dir_model if dir_model is not None else "out_models")
+    named = folder / (fn_in_model or f"net_{episode_type}.pt")
+    found = named
+    if not named.is_file() and named.suffix == ".tar" and named.with_suffix(".pt").is_file():
+        found = named.with_suffix(".pt")  # the original saved net_T.tar; our train writes net_T.pt
+    if not found.is_file():
+        also = f" nor {named.with_suffix('.pt')}" if named.suffix == ".tar" else ""
+        raise UserError(f"no checkpoint at {named}{also} (from --dir_model {folder} and --fn_in_model "
+                        f"{named.name})")
+    if checkpoint is not None and Path(checkpoint).resolve() != found.resolve():
+        raise UserError(f"--checkpoint {checkpoint} and --dir_model/--fn_in_model ({found}) name different files; "
+                        "give one of them")
+    return str(found)
 
 
 def default_out_dir(checkpoint: str | Path) -> Path:
@@ -83,6 +111,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate, write DIR/results.json, predictions and plots; return the results."""
     check_config(cfg)
     ckpt = load_checkpoint(Path(cfg.checkpoint))
+    if cfg.episode_type is not None and cfg.episode_type != ckpt.get("episode_type"):
+        raise UserError(f"--episode_type {cfg.episode_type} differs from the episode type of the checkpoint "
+                        f"{cfg.checkpoint} ({ckpt.get('episode_type')})")
     names = requested_splits(cfg, ckpt.get("episode_type"))
     loaded = load_model(ckpt, cfg)
     tasks = [prepare_split(name, loaded, cfg) for name in names]
@@ -92,7 +123,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     decoded = {}
     for task in tasks:
         decoded[task.name], seconds = decode_task(task, loaded, cfg)
-        results["splits"][task.name] = split_scores(task, decoded[task.name], seconds)
+        results["splits"][task.name] = split_scores(task, decoded[task.name], seconds, ckpt.get("episode_type"))
     write_report(cfg, loaded, tasks, decoded, results)
     return results
 
@@ -214,6 +245,10 @@ def check_validation_data(store: Path, ckpt: dict) -> None:
     """The store's validation shards must be those the checkpoint was validated on. Checkpoints name them by
     their sha256, so a store regenerated with other training episodes still fits; older checkpoints have
     only the hash of the whole manifest, which any change to the store alters."""
+    held, trained = load_manifest(store).get("episode_type"), ckpt.get("episode_type")
+    if held != trained:  # say so first: every hash differs too, but this is the mistake to name
+        raise UserError(f"the episode types differ: the store {store} holds {held} episodes and the checkpoint "
+                        f"was trained on {trained}; pass --store PATH to its {trained} store")
     recorded = ckpt.get("val_shards_sha256")
     if recorded is None:
         if manifest_sha256(store) != ckpt.get("manifest_sha256"):
@@ -257,13 +292,14 @@ def decode_episode(episode: Episode, loaded: Loaded, cfg: EvalConfig,
             for (i, t), p in zip(episode.queries, predictions)]
 
 
-def split_scores(task: SplitTask, per_episode: list[list[QueryResult]], seconds: float) -> dict:
+def split_scores(task: SplitTask, per_episode: list[list[QueryResult]], seconds: float,
+                 episode_type: str | None) -> dict:
     if task.episodic:
         scores = score_episodes(per_episode)
         scores = {"n": sum(len(e) for e in per_episode), **scores}
     else:
         scores = score_queries(per_episode[0])
         scores["support"] = [{"input": i, "output": o} for i, o in task.episodes[0].support]
-    split = SCAN_TEST_SPLITS.get(task.name)
-    scores["paper"] = {"accuracy": split.paper, "note": split.paper_note} if split else None
+    paper = paper_number(episode_type, task.name)
+    scores["paper"] = {"accuracy": paper.accuracy, "note": paper.note} if paper else None
     return {**scores, "decode_seconds": round(seconds, 3), "predictions": report.predictions_name(task.name)}

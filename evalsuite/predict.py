@@ -31,8 +31,9 @@ class PredictConfig:
 
 
 def commands_from_lines(lines: Iterable[str]) -> tuple[str, ...]:
-    """One command per non-blank line, its words separated by single spaces."""
-    return tuple(" ".join(line.split()) for line in lines if line.strip())
+    """One command per line, its words separated by single spaces; a blank line is the empty command, whose
+    output is an empty line, so that the output lines up with the input (`paste commands.txt outputs.txt`)."""
+    return tuple(" ".join(line.split()) for line in lines)
 
 
 def predict(cfg: PredictConfig) -> list[str]:
@@ -43,10 +44,14 @@ def predict(cfg: PredictConfig) -> list[str]:
     loaded = load_model(load_checkpoint(Path(cfg.checkpoint)), cfg)
     support_ids = encode_support(support, loaded.tokenizer, "--support_file" if cfg.support_file else "--support")
     query_ids = encode_commands(cfg.commands, loaded.tokenizer)
-    outputs = decode_shared_support(loaded.model, support_ids, query_ids, loaded.max_length, loaded.device)
+    decoded = iter(decode_shared_support(loaded.model, support_ids, [q for q in query_ids if q is not None],
+                                         loaded.max_length, loaded.device))
     lines = []
-    for command, output in zip(cfg.commands, outputs):
-        lines.append(loaded.tokenizer.decode_output(output))
+    for command, ids in zip(cfg.commands, query_ids):
+        if ids is None:  # the empty command: an empty line keeps the outputs in line with the inputs
+            lines.append("")
+            continue
+        lines.append(loaded.tokenizer.decode_output(next(decoded)))
         if cfg.attention:
             found = query_attention(loaded.model, loaded.tokenizer, support, command, loaded.max_length,
                                     loaded.device)
@@ -57,7 +62,7 @@ def predict(cfg: PredictConfig) -> list[str]:
 def check_config(cfg: PredictConfig) -> None:
     if (cfg.support is None) == (cfg.support_file is None):
         raise UserError("give exactly one of --support \"jump=I_JUMP,...\" or --support_file PATH")
-    if not cfg.commands:
+    if not any(command.split() for command in cfg.commands):
         raise UserError("no commands: give them as arguments, or one per line on stdin")
     if cfg.max_length is not None and cfg.max_length < 1:
         raise UserError("--max_length_eval must be >= 1")
@@ -77,11 +82,13 @@ def encode_support(support: list[tuple[str, str]], tokenizer, flag: str) -> list
         raise UserError(f"{flag}: {err}") from None
 
 
-def encode_commands(commands: tuple[str, ...], tokenizer) -> list[list[int]]:
+def encode_commands(commands: tuple[str, ...], tokenizer) -> list[list[int] | None]:
+    """Each command's input ids; None for an empty command (nothing to decode)."""
     encoded = []
     for number, command in enumerate(commands, start=1):
         if not command.split():
-            raise UserError(f"command {number} is empty")
+            encoded.append(None)
+            continue
         try:
             encoded.append(tokenizer.encode_input(command))
         except UserError as err:

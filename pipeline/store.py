@@ -4,7 +4,9 @@ Every shard is a pure function of (seed, split, shard index): training shard i d
 another from `default_rng([seed, 0, i])`, and all validation episodes come from `default_rng([seed, 1, 0])`.
 So the bytes never depend on the number of workers or on which worker wrote which shard.
 Write order: shards (each atomically), then the dataset card, then manifest.json, whose presence marks the
-store as complete. One `generate` at a time per store: a file lock beside it (`.<name>.lock`) serializes them.
+store as complete. All of it goes to a fresh directory beside the store (`.<name>.tmp-PID`), which replaces
+the store whole (rename) only once complete: an interrupted run, even with --overwrite, leaves the earlier
+store as it was. One `generate` at a time per store: a file lock beside it (`.<name>.lock`) serializes them.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import contextlib
 import errno
 import json
 import multiprocessing
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,16 +63,20 @@ def generate(cfg: GenerateConfig) -> Path:
         if _is_identical_store(store, head, cfg.overwrite):
             _say(f"{store}: identical, nothing to do")
             return store
+        _check_replaceable(store)
+        fresh = _beside(store, "tmp")
         try:
-            _prepare_dir(store)
-            shards = _write_shards(cfg, store)
+            _remove_stale_builds(store)  # what a killed run (SIGKILL) left beside the store; we hold the lock
+            fresh.mkdir(parents=True)
+            shards = _write_shards(cfg, fresh)
             manifest = {**head, "counts": _counts(shards), "shards": shards}
-            write_bytes_atomically(store / CARD_NAME, store_card(manifest).encode("utf-8"))
-            write_manifest(store, manifest)  # last: only now is the store complete
+            write_bytes_atomically(fresh / CARD_NAME, store_card(manifest).encode("utf-8"))
+            write_manifest(fresh, manifest)  # last: only now is the new store complete
+            _swap_in(fresh, store)
         except OSError as err:
             raise UserError(f"cannot write the store {store}: {_os_error_text(err, store)}") from err
         finally:
-            _remove_temp_files(store)  # workers killed mid-shard leave theirs behind
+            shutil.rmtree(fresh, ignore_errors=True)  # an interrupted or failed run: the old store stays
     return store
 
 
@@ -172,21 +180,55 @@ def _difference(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
-def _prepare_dir(store: Path) -> None:
-    """Create the store directory and remove what an earlier run left: manifest first, so that an
-    interruption from here on leaves a directory that is clearly unfinished."""
-    store.mkdir(parents=True, exist_ok=True)
-    (store / MANIFEST_NAME).unlink(missing_ok=True)
-    for path in sorted(store.iterdir()):
-        if SHARD_RE.match(path.name) or path.name == CARD_NAME or is_temp_name(path.name):
-            path.unlink()
+def _is_store_file(name: str) -> bool:
+    return bool(SHARD_RE.match(name)) or name in (CARD_NAME, MANIFEST_NAME) or is_temp_name(name)
 
 
-def _remove_temp_files(store: Path) -> None:
-    if store.is_dir():
-        for path in store.iterdir():
-            if is_temp_name(path.name):
-                path.unlink(missing_ok=True)
+def _check_replaceable(store: Path) -> None:
+    """The new store replaces the directory whole: refuse one that holds anything a store does not."""
+    if store.exists() and not store.is_dir():
+        raise UserError(f"cannot write the store {store}: it exists and is not a directory")
+    foreign = sorted(p.name for p in store.iterdir() if not _is_store_file(p.name)) if store.is_dir() else []
+    if foreign:
+        raise UserError(f"{store} holds files that are not part of an episode store "
+                        f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                        "move them or choose another store directory")
+
+
+def _beside(store: Path, kind: str) -> Path:
+    """A hidden sibling of the store, on the same file system, so that a rename can swap it in."""
+    store = store.resolve()  # `.` has no name to put beside; a symlink's target is the store
+    return store.with_name(f".{store.name}.{kind}-{os.getpid()}")
+
+
+def _remove_stale_builds(store: Path) -> None:
+    """Unfinished builds (`.<name>.tmp-PID`) of killed runs go; a store set aside by a run killed between
+    its two renames (`.<name>.old-PID`) is put back if nothing took its place, else removed."""
+    store = store.resolve()
+    for path in sorted(store.parent.glob(f".{store.name}.tmp-*")):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in sorted(store.parent.glob(f".{store.name}.old-*")):
+        if not store.exists() and (path / MANIFEST_NAME).is_file():
+            os.replace(path, store)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _swap_in(fresh: Path, store: Path) -> None:
+    """Put the complete `fresh` directory in the place of `store`: the earlier store goes whole, and if the
+    swap fails or is interrupted, it stays whole."""
+    target = store.resolve()
+    if not target.exists():
+        os.replace(fresh, target)
+        return
+    old = _beside(store, "old")
+    os.replace(target, old)
+    try:
+        os.replace(fresh, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_shards(cfg: GenerateConfig, store: Path) -> list[dict]:

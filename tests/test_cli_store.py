@@ -74,6 +74,7 @@ def test_generate_verify_publish(tmp_path, capsys):
     assert code == 0 and (tmp_path / "export" / "data" / "train-00000-of-00001.parquet").is_file()
 
 
+@pytest.mark.slow
 def test_two_concurrent_generates_end_with_one_complete_store(tmp_path):
     """Both processes start while the store is locked (here by the test), so both must wait; once it is
     released, one writes the store and the other waits for it and then finds it identical."""
@@ -168,7 +169,7 @@ def test_user_error_oserror_and_interrupt_become_one_line(capsys):
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "cli.py", "generate", "--episode_type", "nope", "--out",
-                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "generate", "--episode_type", "nope", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("error: unknown episode type 'nope'") and result.stderr.count("\n") == 1

@@ -26,7 +26,7 @@ from trainer.runlog import log_line  # noqa: E402
 
 ORIGINAL = compare.DEFAULT_ORIGINAL
 needs_original = pytest.mark.skipif(compare.skip_reason(ORIGINAL) is not None,
-                                    reason=f"the original code is not at {ORIGINAL}")
+                                    reason=str(compare.skip_reason(ORIGINAL)))
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -78,6 +78,7 @@ def test_original_validation_lines_are_recognised():
     assert compare.first_at_threshold(lines, compare.ORIGINAL_LINE, 100.0) == (3600, 100.0)
 
 
+@pytest.mark.slow
 @needs_original
 def test_original_generation_is_timed_in_its_folder():
     done = subprocess.run([sys.executable, "-c", compare.ORIGINAL_GENERATION, "ME", "3"], cwd=ORIGINAL,
@@ -91,7 +92,7 @@ def test_skips_cleanly_without_the_original(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--original",
                            str(tmp_path / "absent")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
-    assert "absent" in json.loads(done.stdout)["skipped"]
+    assert "absent" in json.loads(done.stdout)["skipped"] and "METASEQ2SEQ_ORIGINAL" in done.stderr
     assert done.stderr.startswith("compare.py: skipped: ")
 
 
@@ -147,6 +148,7 @@ for episode, generalization in ((100, 50.0), (200, 96.0), (300, 100.0)):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side_by_side", [False, True])
 def test_time_to_accuracy_times_both_sides_and_can_run_them_at_once(monkeypatch, tmp_path, side_by_side):
     ours_fmt = "episode {} | 9.0 episodes/s | loss 0.1 | val retrieval 100.0% | val generalization {}%"

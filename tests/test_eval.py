@@ -35,7 +35,8 @@ from trainer.model import MetaSeq2Seq, ModelConfig
 from trainer.train import train
 
 ROOT = Path(__file__).parents[1]
-OFFICIAL_SCAN = ROOT.parent / "shared" / "scan"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from references import scan_file, scan_missing  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
@@ -113,9 +114,9 @@ def test_scan_test_split_sizes(split, size):
 
 @pytest.mark.parametrize("split", ["addprim_jump", "template_around_right", "length"])
 def test_scan_test_splits_are_the_official_files(split):
-    official = OFFICIAL_SCAN / f"tasks_test_{split}.txt"
-    if not official.exists():
-        pytest.skip("official SCAN files not at hand")
+    official = scan_file(f"tasks_test_{split}.txt")
+    if official is None:
+        pytest.skip(scan_missing(f"tasks_test_{split}.txt"))
     lines = [f"IN: {p.command} OUT: {p.actions}" for p in scan_test_pairs(split)]
     assert sorted(lines) == sorted(official.read_text().splitlines())  # the official files are shuffled
 
@@ -137,9 +138,11 @@ def test_parse_support():
     for bad in ("jump", "jump=", "=I_JUMP", "jump=I_JUMP,", "jump=I_JUMP=I_WALK"):
         with pytest.raises(UserError, match="not of the form INPUT=OUTPUT"):
             parse_support(bad)
-    for duplicate in ("jump=I_JUMP,jump=I_WALK", "jump=I_JUMP, jump =I_JUMP", "turn  left=I_TURN_LEFT,turn left=X"):
-        with pytest.raises(UserError, match="given twice"):
-            parse_support(duplicate)
+    for conflict in ("jump=I_JUMP,jump=I_WALK", "jump=I_JUMP,walk=I_WALK, jump =I_RUN", "turn  left=I_TURN_LEFT,turn left=X"):
+        with pytest.raises(UserError, match="given two different outputs"):
+            parse_support(conflict)
+    # The same pair again is the same support item: merged, in the order of first occurrence.
+    assert parse_support("jump=I_JUMP,walk=I_WALK, jump =I_JUMP") == [("jump", "I_JUMP"), ("walk", "I_WALK")]
 
 
 # ---- faithfulness: eval on validation == the trainer's last validation line ------------------------------
@@ -156,6 +159,7 @@ def test_validation_matches_the_trainers_numbers(me_checkpoint, tmp_path):
 
 # ---- the report ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_report_files_for_addprim_jump(aug_checkpoint, tmp_path):
     results = evaluate(EvalConfig(str(aug_checkpoint), out=str(tmp_path), plot=2))
     written = json.loads((tmp_path / "results.json").read_text())
@@ -164,7 +168,7 @@ def test_report_files_for_addprim_jump(aug_checkpoint, tmp_path):
     assert len(written["checkpoint"]["sha256"]) == 64 and written["checkpoint"]["episodes_done"] == 8
     jump = written["splits"]["addprim_jump"]
     assert jump["n"] == 7706 and jump["retrieval"] is None and jump["n_generalization"] == 7706
-    assert jump["paper"]["accuracy"] == 99.95 and "permutation" in jump["paper"]["note"]
+    assert jump["paper"] is None  # the paper reports add jump for permutation meta-training, not augmentation
     assert jump["decode_seconds"] > 0 and "episodes" not in jump
     rows = read_jsonl(tmp_path / "predictions_addprim_jump.jsonl")
     assert [r["input"] for r in rows] == [p.command for p in scan_test_pairs("addprim_jump")]
@@ -176,7 +180,7 @@ def test_report_files_for_addprim_jump(aug_checkpoint, tmp_path):
     assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*"))
     assert written["files"] == sorted(p.name for p in tmp_path.iterdir())  # every file, and only those
     table = summary_table(results)
-    assert "addprim_jump" in table and "99.95%" in table
+    assert "addprim_jump" in table and "99.95%" not in table
     # A narrower rerun into the same directory: the first run's predictions and plots must not survive.
     rerun = evaluate(EvalConfig(str(aug_checkpoint), out=str(tmp_path), split="validation"))
     assert sorted(p.name for p in tmp_path.iterdir()) == rerun["files"] == ["predictions_validation.jsonl",
@@ -238,6 +242,39 @@ def test_results_record_where_they_came_from(me_checkpoint, tmp_path):
     if head.returncode == 0:
         assert made["git_commit"].startswith(head.stdout.strip())
     assert results["checkpoint"]["provenance"] == load_checkpoint(me_checkpoint).get("provenance")
+
+
+def readme_paper_numbers() -> dict[tuple[str, str], float | None]:
+    """The paper column of the README's results table, by (episode type, split)."""
+    splits = {"add jump": "addprim_jump", "around right": "template_around_right", "length": "length"}
+    numbers = {}
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not line.startswith("| "):
+            continue
+        experiment, paper = cells[0], cells[2]
+        if experiment.startswith("ME,"):
+            key = ("ME", "validation")
+        elif "`" in experiment and experiment.split(",")[0] in splits:
+            key = (experiment.split("`")[1], splits[experiment.split(",")[0]])
+        else:
+            continue
+        numbers[key] = None if paper in ("—", "-") else float(paper.rstrip("%"))
+    return numbers
+
+
+def test_paper_numbers_agree_in_eval_reproduce_and_the_readme(me_checkpoint, tmp_path):
+    from evalsuite.aggregate import PAPER, VAL_GENERALIZATION
+    readme = readme_paper_numbers()
+    assert readme[("ME", "validation")] == 100.0 and len(readme) == 5  # the README's five rows
+    for (episode_type, split), number in readme.items():
+        ours = PAPER.get((episode_type, VAL_GENERALIZATION if split == "validation" else split))
+        assert ours == number, (episode_type, split)
+    # eval's table shows ME's number beside the validation split, as reproduce's table and the README do.
+    results = evaluate(EvalConfig(str(me_checkpoint), out=str(tmp_path / "o")))
+    assert results["splits"]["validation"]["paper"]["accuracy"] == readme[("ME", "validation")]
+    row = next(line for line in summary_table(results).splitlines() if line.startswith("validation "))
+    assert row.split()[6] == "100.00%" and "generalization" in row.split("100.00%")[1]
 
 
 def test_default_report_is_beside_its_checkpoint(capsys, me_checkpoint, tmp_path):
@@ -332,6 +369,7 @@ def test_missing_checkpoint(capsys, tmp_path):
     assert_one_error_line(*invoke(capsys, "--checkpoint", str(tmp_path / "none.pt")), "no checkpoint")
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_via_subprocess(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00garbage\xff")
@@ -389,6 +427,58 @@ def test_store_with_other_validation_shards_is_refused(capsys, me_checkpoint, tm
     code, err = invoke(capsys, "--checkpoint", str(checkpoint), "--store", str(other), "--out", str(tmp_path / "o"))
     assert_one_error_line(code, err, "validation shards", "val-000000.tar: sha256", "--store")
     assert not (tmp_path / "o").exists()
+
+
+def test_store_of_another_episode_type_is_refused_as_such(capsys, aug_checkpoint, tmp_path):
+    me_store = generate(GenerateConfig("ME", num_episodes=10, out=str(tmp_path / "stores"), workers=1, progress=False))
+    code, err = invoke(capsys, "--checkpoint", str(aug_checkpoint), "--store", str(me_store), "--out", str(tmp_path / "o"))
+    assert_one_error_line(code, err, "the episode types differ", "holds ME episodes",
+                          "trained on scan_prim_augmentation")
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_originals_test_py_flags_find_the_checkpoint(capsys, me_checkpoint, tmp_path):
+    """`python test.py --episode_type ME --fn_in_model net_ME.tar --dir_model out_models`, with `cli.py eval` in
+    place of `test.py`: out_models/net_ME.tar does not exist, the net_ME.pt that train writes does."""
+    assert Path.cwd() == tmp_path  # tests/conftest.py: out_models/ here is the test's own
+    (tmp_path / "out_models").mkdir()
+    shutil.copy(me_checkpoint, tmp_path / "out_models" / "net_ME.pt")
+    code = run_cli(cli, ["eval", "--episode_type", "ME", "--fn_in_model", "net_ME.tar", "--dir_model", "out_models"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("out_models/net_ME.pt (ME, 400 episodes)")
+    assert out.splitlines()[-1] == "report: out_models/net_ME.eval"
+    by_flags = json.loads((tmp_path / "out_models" / "net_ME.eval" / "results.json").read_text())
+    by_path = evaluate(EvalConfig(str(me_checkpoint), out=str(tmp_path / "by_path")))
+    assert by_flags["splits"]["validation"]["accuracy"] == by_path["splits"]["validation"]["accuracy"]
+    assert by_flags["checkpoint"]["sha256"] == by_path["checkpoint"]["sha256"]
+    # --dir_model alone with --episode_type: net_<type>.pt; --fn_in_model alone: in out_models, as test.py.
+    assert run_cli(cli, ["eval", "--episode_type", "ME", "--dir_model", "out_models", "--out", "a"]) == 0
+    assert run_cli(cli, ["eval", "--fn_in_model", "net_ME.pt", "--out", "b", "--split", "validation"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--episode_type", "scan_length", "--fn_in_model", "net_ME.pt", "--dir_model", "models"],
+     ["--episode_type scan_length differs", "(ME)"]),
+    (["--episode_type", "scan_length", "--fn_in_model", "net_scan_length.tar", "--dir_model", "models"],
+     ["no checkpoint at models/net_scan_length.tar nor models/net_scan_length.pt"]),
+    ([], ["no checkpoint given", "--checkpoint PATH", "--dir_model DIR and --fn_in_model FILE"]),
+    (["--episode_type", "ME"], ["no checkpoint given"]),
+    (["--checkpoint", "models/net_ME.pt", "--dir_model", "models", "--fn_in_model", "other.pt"],
+     ["no checkpoint at models/other.pt"]),
+    (["--checkpoint", "elsewhere/net_ME.pt", "--dir_model", "models", "--fn_in_model", "net_ME.tar"],
+     ["--checkpoint elsewhere/net_ME.pt and --dir_model/--fn_in_model (models/net_ME.pt) name different files"]),
+])
+def test_the_originals_flags_disagreeing_or_missing_are_one_line(capsys, me_checkpoint, tmp_path, args, expected):
+    (tmp_path / "models").mkdir()
+    shutil.copy(me_checkpoint, tmp_path / "models" / "net_ME.pt")
+    (tmp_path / "models" / "other.pt").unlink(missing_ok=True)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(me_checkpoint, tmp_path / "elsewhere" / "net_ME.pt")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert_one_error_line(*invoke(capsys, *args), *expected)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no report written
 
 
 def test_split_that_does_not_fit_the_type(capsys, me_checkpoint):

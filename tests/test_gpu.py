@@ -61,7 +61,7 @@ def store(tmp_path_factory) -> Path:
 
 
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr + done.stdout
     return done

@@ -1,6 +1,7 @@
 """Our model against the original code (facebookresearch/meta_seq2seq), run side by side.
 
-The original is read from ../shared/original (next to the repository) and driven through its own train.py
+The original is read from $METASEQ2SEQ_ORIGINAL, else ../shared/original (next to the repository) and driven
+through its own train.py
 functions: `build_sample` builds an episode with the support items appended as queries (its support loss),
 `train` computes the masked cross-entropy over that query batch and backpropagates (with optimizers whose
 lr is 0, so nothing moves), and `evaluate` decodes greedily for max_length steps. Both models are built
@@ -38,7 +39,10 @@ from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID, build_vocab
 from trainer.data import Tokenizer, collate_episodes
 from trainer.model import MetaSeq2Seq, ModelConfig, strip_decoded
 
-ORIGINAL = Path(__file__).resolve().parents[2] / "shared" / "original"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from references import original_dir, original_missing  # noqa: E402
+
+ORIGINAL = original_dir()  # $METASEQ2SEQ_ORIGINAL, else ../shared/original
 # The original's modules import each other by these bare names.
 ORIGINAL_MODULES = ("model", "masked_cross_entropy", "generate_episode")
 
@@ -63,7 +67,7 @@ def original():
     Its directory is on sys.path only while it loads, and its bare module names are taken out of
     sys.modules again, so nothing leaks into other tests."""
     if not (ORIGINAL / "train.py").is_file():
-        pytest.skip(f"the original code is not at {ORIGINAL}: these tests run it side by side with ours")
+        pytest.skip(f"{original_missing()}; these tests run it side by side with ours")
     saved_path, saved_modules = list(sys.path), {n: sys.modules.get(n) for n in ORIGINAL_MODULES}
     sys.path.insert(0, str(ORIGINAL))
     try:
@@ -333,6 +337,7 @@ def test_unequal_length_queries_differ_only_by_the_originals_padded_attention(or
 
 # ---- 3. training mode, dropout on: the same loss distribution -----------------------------------------------
 
+@pytest.mark.slow
 def test_dropout_in_training_gives_the_originals_loss_distribution(original):
     """With dropout on, the two draw their masks differently, so single losses differ; but if the masks
     sit in the same places at the same rate, the loss over many draws has the same mean and spread. A

@@ -64,11 +64,47 @@ def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
 
 
 def test_outputs_from_stdin_are_evals_predictions(checkpoint, eval_predictions):
-    result = run("--checkpoint", str(checkpoint), "--support", SUPPORT,
-                 stdin="".join(f"{p.command}\n" for p in PAIRS) + "\n")  # a blank line is no command
+    result = run("--checkpoint", str(checkpoint), "--support", SUPPORT, stdin="".join(f"{p.command}\n" for p in PAIRS))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == eval_predictions
     assert len(set(eval_predictions)) > len(PAIRS) // 2  # outputs differ by command: a mix-up would show
+
+
+def test_blank_input_lines_give_empty_output_lines(checkpoint, eval_predictions, tmp_path):
+    """The output lines up with a file of commands (paste): a blank line (or one of spaces) in, an empty line out."""
+    commands = tmp_path / "commands.txt"
+    commands.write_text(f"{PAIRS[0].command}\n\n{PAIRS[1].command}\n   \n\n{PAIRS[2].command}\n")
+    result = run("--checkpoint", str(checkpoint), "--support", SUPPORT, stdin=commands.read_text())
+    assert result.returncode == 0, result.stderr
+    outputs = result.stdout.splitlines()
+    assert len(outputs) == len(commands.read_text().splitlines()) == 6
+    assert outputs == [eval_predictions[0], "", eval_predictions[1], "", "", eval_predictions[2]]
+
+
+@pytest.mark.slow
+def test_support_file_from_scan_export_merges_repeated_pairs(checkpoint, eval_predictions, tmp_path):
+    """`scan export` repeats pairs (addprim_jump's training file holds `IN: jump OUT: I_JUMP` 1,467 times): as a
+    support file each pair counts once, so the outputs are those of the file with every pair once."""
+    export = subprocess.run([sys.executable, str(ROOT / "cli.py"), "scan", "export", "--split", "addprim_jump",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert export.returncode == 0, export.stderr
+    exported = tmp_path / "tasks_train_addprim_jump.txt"
+    lines = exported.read_text().splitlines()
+    assert lines.count("IN: jump OUT: I_JUMP") > 1
+    once = tmp_path / "once.txt"
+    once.write_text("".join(f"{line}\n" for line in dict.fromkeys(lines)))
+    commands = [p.command for p in PAIRS[:3]]
+    merged = run("--checkpoint", str(checkpoint), "--support_file", str(exported), *commands)
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stdout == run("--checkpoint", str(checkpoint), "--support_file", str(once), *commands).stdout
+    assert len(merged.stdout.splitlines()) == 3
+    # Conflicting pairs (one input, two outputs) are still refused, naming both.
+    conflict = tmp_path / "conflict.txt"
+    conflict.write_text("IN: jump OUT: I_JUMP\nIN: walk OUT: I_WALK\nIN: jump OUT: I_WALK\n")
+    refused = run("--checkpoint", str(checkpoint), "--support_file", str(conflict), "jump")
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == (f"error: {conflict}: the input 'jump' is given two different outputs (jump=I_JUMP and "
+                              "jump=I_WALK); a support set gives each input one output\n")
 
 
 def test_commands_as_arguments_and_support_from_a_scan_file(capsys, checkpoint, eval_predictions, tmp_path):
@@ -96,6 +132,7 @@ def model_attention(checkpoint: Path, support: list[tuple[str, str]], command: s
             result.memory_attention[0, 0], result.decoder_attention[0, 0, :n])
 
 
+@pytest.mark.slow
 def test_attention_as_text(checkpoint, eval_predictions):
     command = PAIRS[3].command
     result = run("--checkpoint", str(checkpoint), "--support", SUPPORT, "--attention", command)
@@ -118,7 +155,7 @@ def test_attention_as_text(checkpoint, eval_predictions):
 
 @pytest.mark.parametrize("args, stdin, expected", [
     (["--support", SUPPORT, "jump twice", "jump blorp"], "", "command 2 ('jump blorp')"),
-    (["--support", "jump=I_JUMP,jump=I_WALK", "jump"], "", "'jump' is given twice"),
+    (["--support", "jump=I_JUMP,jump=I_WALK", "jump"], "", "'jump' is given two different outputs"),
     (["--support", "jump=I_JUMP,walk", "jump"], "", "'walk' is not of the form INPUT=OUTPUT"),
     (["--support", "fly=I_FLY", "jump"], "", "--support"),
     (["jump"], "", "exactly one of --support"),
@@ -133,6 +170,7 @@ def test_bad_input_is_one_error_line(capsys, monkeypatch, checkpoint, args, stdi
     assert expected in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_real_process(checkpoint):
     result = run("--checkpoint", str(checkpoint), "--support", SUPPORT, stdin="jump twice\njump blorp\n")
     assert (result.returncode, result.stdout) == (1, "")

@@ -22,7 +22,7 @@ TINY = ["--num_episodes", "48", "--emb_size", "16", "--nlayers", "1", "--batch_s
 
 def reproduce(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "cli.py", "reproduce", "--out", str(out), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), "reproduce", "--out", str(out), *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -34,6 +34,7 @@ def tiny_grid(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_a_tiny_grid_writes_every_file(tiny_grid):
     out, result = tiny_grid
     for experiment in ("ME", "scan_around_right"):
@@ -59,6 +60,7 @@ def test_a_tiny_grid_writes_every_file(tiny_grid):
     assert "Trained on: cpu (" in table and "(4 runs)" in table  # where the runs trained, not only aggregated
 
 
+@pytest.mark.slow
 def test_the_seeds_differ_in_store_init_and_order(tiny_grid):
     out, _ = tiny_grid
     manifests = [json.loads((out / "stores" / f"seed{s}" / "ME" / "manifest.json").read_text()) for s in (0, 1)]
@@ -67,6 +69,7 @@ def test_the_seeds_differ_in_store_init_and_order(tiny_grid):
     assert not torch.equal(weights[0]["out.weight"], weights[1]["out.weight"])
 
 
+@pytest.mark.slow
 def test_running_the_same_grid_again_skips_every_run(tiny_grid):
     out, _ = tiny_grid
     checkpoints = sorted(out.glob("*/full/seed*/net_*.pt"))
@@ -77,6 +80,7 @@ def test_running_the_same_grid_again_skips_every_run(tiny_grid):
     assert [p.stat().st_mtime_ns for p in checkpoints] == before
 
 
+@pytest.mark.slow
 def test_a_grid_with_other_settings_in_the_same_folder_is_refused(tiny_grid):
     out, _ = tiny_grid
     result = reproduce(out, "--experiments", "ME", "--seeds", "0", *TINY[:-4], "--batch_size", "4", "--threads", "1")
@@ -123,9 +127,9 @@ def test_the_aggregate_equals_a_hand_computation(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--experiments", "ME,nope"], "unknown experiment 'nope'"),
-    (["--variants", "full,no_memry"], "unknown variant 'no_memry'"),
-    (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
-    (["--jobs", "0"], "--jobs and --threads must be at least 1"),
+    pytest.param(["--variants", "full,no_memry"], "unknown variant 'no_memry'", marks=pytest.mark.slow),
+    pytest.param(["--seeds", "0,x"], "--seeds must be comma-separated integers", marks=pytest.mark.slow),
+    pytest.param(["--jobs", "0"], "--jobs and --threads must be at least 1", marks=pytest.mark.slow),
 ])
 def test_a_bad_grid_is_one_line_before_any_work(tmp_path, args, message):
     out = tmp_path / "runs"
@@ -135,6 +139,7 @@ def test_a_bad_grid_is_one_line_before_any_work(tmp_path, args, message):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
     """Seed 0 finishes; seed 1 is interrupted mid-training; the same command then finishes only seed 1, from its
     checkpoint, and the metrics show no episode trained twice."""
@@ -143,7 +148,7 @@ def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
             "--separate"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Started as a shell starts `cmd &` (SIGINT ignored, which Python keeps): `kill -INT` must stop it all the same.
-    grid = subprocess.Popen([sys.executable, "cli.py", "reproduce", "--out", str(tmp_path), *args], cwd=ROOT,
+    grid = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "reproduce", "--out", str(tmp_path), *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     second = Run("ME", "full", 1)
@@ -159,7 +164,7 @@ def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
 
     first_ckpt = Run("ME", "full", 0).checkpoint(tmp_path)
     first_mtime = first_ckpt.stat().st_mtime_ns
-    again = subprocess.run([sys.executable, "cli.py", "reproduce", "--out", str(tmp_path), *args], cwd=ROOT, env=env,
+    again = subprocess.run([sys.executable, str(ROOT / "cli.py"), "reproduce", "--out", str(tmp_path), *args], env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "[skip] ME/full/seed0" in again.stdout and f"[resume] ME/full/seed1: from episode {interrupted_at}" in again.stdout

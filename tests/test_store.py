@@ -172,9 +172,8 @@ def test_failure_mid_shard_leaves_no_partial_file_and_rerun_completes(tmp_path, 
         generate(config(tmp_path, workers=workers, num_episodes=30))  # 3 full shards
     assert "\n" not in str(info.value)
     store = tmp_path / "shards" / TYPE
-    assert_only_whole_shards(store, 10)
-    assert not (store / "train-000001.tar").exists()
-    assert not [p for p in store.iterdir() if p.name.startswith(".")]  # no temp file outlives the error
+    assert not store.exists()  # the store appears only once complete
+    assert sorted(p.name for p in store.parent.iterdir()) == [f".{TYPE}.lock"]  # no unfinished build outlives the error
     monkeypatch.setattr(store_module, "encode_record", real_encode)
     generate(config(tmp_path))  # no manifest, so no --overwrite needed for other parameters
     assert verify_store(store) == []
@@ -184,21 +183,67 @@ def test_failure_mid_shard_leaves_no_partial_file_and_rerun_completes(tmp_path, 
 def test_killed_run_is_regenerated_not_trusted(tmp_path):
     out = tmp_path / "shards"
     store = out / TYPE
-    command = [sys.executable, "cli.py", "generate", "--episode_type", TYPE, "--num_episodes", "1000000",
+    command = [sys.executable, str(ROOT / "cli.py"), "generate", "--episode_type", TYPE, "--num_episodes", "1000000",
                "--shard_size", "500", "--workers", "2", "--out", str(out), "--no_progress"]
-    proc = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while not list(store.glob("train-*.tar")) and time.monotonic() < deadline and proc.poll() is None:
+        while not list(out.glob(f".{TYPE}.tmp-*/train-*.tar")) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the pool workers die mid-shard too
         proc.wait()
-    assert list(store.glob("train-*.tar")), "the run never wrote a shard"
-    assert_only_whole_shards(store, 500)  # temp files may remain (SIGKILL): they are never read
-    generate(config(tmp_path))  # other (small) parameters, no --overwrite: an unfinished store is replaced
+    unfinished = list(out.glob(f".{TYPE}.tmp-*"))
+    assert len(unfinished) == 1 and list(unfinished[0].glob("train-*.tar")), "the run never wrote a shard"
+    assert not store.exists()  # the unfinished build (SIGKILL leaves it) sits beside, never under the store's name
+    assert_only_whole_shards(unfinished[0], 500)
+    generate(config(tmp_path))  # the next run removes it and writes the store
     assert verify_store(store) == []
-    assert sorted(p.name for p in store.iterdir())[-1] == "val-000000.tar"  # stale shards and temp files gone
+    assert sorted(p.name for p in out.iterdir()) == [f".{TYPE}.lock", TYPE]
+
+
+def test_interrupted_overwrite_leaves_the_old_store_whole(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during `generate --overwrite` with
+    other parameters: the complete store it was replacing is still there, byte for byte, and verifies."""
+    out = tmp_path / "shards"
+    store = generate(config(tmp_path))
+    before = file_bytes(store)
+    command = [sys.executable, str(ROOT / "cli.py"), "generate", "--episode_type", TYPE, "--num_episodes", "1000000",
+               "--shard_size", "500", "--workers", "2", "--out", str(out), "--overwrite", "--no_progress"]
+    proc = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(out.glob(f".{TYPE}.tmp-*/train-*.tar"))) < 2 and time.monotonic() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        assert list(out.glob(f".{TYPE}.tmp-*/train-*.tar")), "the run never wrote a shard"
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "error: interrupted", stderr
+    assert file_bytes(store) == before
+    assert load_manifest(store)["params"]["num_episodes"] == 25
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "verify", "--store", str(store)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == f"{store}: ok\n", done.stdout + done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [f".{TYPE}.lock", TYPE]  # the unfinished build is gone
+
+
+def test_overwrite_swaps_the_store_whole_and_refuses_a_directory_with_other_files(tmp_path):
+    store = generate(config(tmp_path))
+    generate(config(tmp_path, num_episodes=12, overwrite=True))
+    assert load_manifest(store)["counts"]["train"] == 12 and verify_store(store) == []
+    assert sorted(p.name for p in store.parent.iterdir()) == [f".{TYPE}.lock", TYPE]  # no old or unfinished copy
+    (store / "notes.txt").write_text("mine")
+    before = file_bytes(store)
+    with pytest.raises(UserError, match=r"holds files that are not part of an episode store \(notes.txt\)"):
+        generate(config(tmp_path, num_episodes=13, overwrite=True))
+    assert file_bytes(store) == before
 
 
 # --- re-runs --------------------------------------------------------------------------------------------

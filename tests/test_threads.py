@@ -45,6 +45,7 @@ def probe(args: list[str], env: dict[str, str], tmp_path: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", sorted(FAILING_FAST))
 def test_threads_flag_reaches_torch_before_it_loads(command, tmp_path):
     # OMP_NUM_THREADS=2 in the environment: --threads 1 must win over it.
@@ -56,6 +57,7 @@ def test_threads_flag_reaches_torch_before_it_loads(command, tmp_path):
     assert result["GOMP_SPINCOUNT"] == threads.SHORT_SPINCOUNT
 
 
+@pytest.mark.slow
 def test_default_policy_and_users_wait_policy(tmp_path):
     result = probe(FAILING_FAST["train"], {"OMP_WAIT_POLICY": "passive"}, tmp_path)
     assert result["torch_threads"] == threads.usable_cores() == result["applied"]["threads"]
@@ -158,6 +160,7 @@ def test_load_follower_gives_up_a_core_and_takes_it_back(monkeypatch):
     assert threads.LoadFollower(calls.append).poll() is None  # the user fixed the threads: never changed
 
 
+@pytest.mark.slow
 def test_adaptive_policy_in_a_fresh_process(tmp_path):
     """No thread variable set: beside a busy process, train takes the cores it leaves (with the short spin)."""
     cores = threads.usable_cores()

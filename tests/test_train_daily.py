@@ -54,7 +54,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def cli_process(*args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", *args], cwd=ROOT, text=True,
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", *args], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**environ_without_wait_setting(), "OMP_NUM_THREADS": "1"}, **popen)
 
@@ -89,13 +89,14 @@ def test_fp32_on_a_gpu_turns_off_cudnns_tf32_and_leaves_the_cpu_alone():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
+@pytest.mark.slow
 def test_amp_bf16_on_a_cpu_without_bf16_is_one_line_and_writes_nothing(tmp_path):
     # oneDNN limited to AVX2 is the CPU of the issue: its bf16 LSTM primitive does not exist.
     model_dir = tmp_path / "models"
     result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--amp", "bf16", "--device", "cpu",
                              "--episode_type", "ME", "--store", str(tmp_path / "store"), "--no_generate",
                              "--num_episodes", "16", "--dir_model", str(model_dir)],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120,
                             env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"})
     if "no episode store" in result.stderr:
         pytest.skip("this oneDNN runs bf16 LSTMs even when limited to AVX2")
@@ -152,6 +153,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_sigterm_save_after_the_step_and_resuming_ends_like_an_uninterrupted_run(store, tmp_path,
                                                                                              one_thread):
     model_dir = tmp_path / "cut"
@@ -201,6 +203,7 @@ def test_a_signal_asks_to_stop_and_a_second_one_later_aborts():
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_so_and_a_larger_num_episodes_extends_it(store, tmp_path, capsys):
     run(store, tmp_path / "straight", num_episodes=80)
     run(store, tmp_path / "grown", num_episodes=40)
@@ -218,6 +221,7 @@ def test_resuming_a_finished_run_says_so_and_a_larger_num_episodes_extends_it(st
     assert "num_episodes" not in RESUME_KEYS
 
 
+@pytest.mark.slow
 def test_lr_decays_by_episodes_seen_across_an_extension(store, tmp_path):
     # 20 episodes: two steps of 8 and one cut to 4; the decay at episode 16 comes at the second step.
     run(store, tmp_path, num_episodes=20, lr=1e-3, lr_decay_schedule=16)
@@ -313,6 +317,7 @@ def test_train_help_shows_the_real_defaults(capsys):
             assert param.default == fields[param.name].default, param.name
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_attend_query_padding_resumes_as_masked(store, tmp_path):
     run(store, tmp_path)
     path = tmp_path / "net_ME.pt"
@@ -326,6 +331,7 @@ def test_a_checkpoint_from_before_attend_query_padding_resumes_as_masked(store, 
     assert resumed["episodes_done"] == 96 and resumed["model_config"]["attend_query_padding"] is False
 
 
+@pytest.mark.slow
 def test_reset_adam_at_decay_starts_adam_again_at_each_decay(store, tmp_path):
     # 5 steps of 8 episodes, decay at 24: Adam's step count runs on through the decay, or restarts there.
     for reset in (False, True):

@@ -74,6 +74,7 @@ def run_train(store: Path, model_dir: Path, **overrides) -> dict:
     return train(cfg)
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(me_store, tmp_path):
     run_train(me_store, tmp_path / "straight")
     run_train(me_store, tmp_path / "resumed", stop_after=72)
@@ -87,6 +88,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(me_store, tmp_pa
     assert resumed["val"] == straight["val"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_other_seed_other_weights(me_store, tmp_path):
     weights = []
     for run, seed in (("a", 0), ("b", 0), ("c", 1)):
@@ -137,15 +139,24 @@ def test_asking_for_more_episodes_than_the_store_holds_is_an_error(me_store, tmp
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    """In the test's own temporary directory (tests/conftest.py), never the checkout: its out_models/ is the
+    user's, and `train` without --dir_model would find a checkpoint there."""
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_tests_run_outside_the_checkout():
+    assert ROOT not in Path.cwd().resolve().parents and Path.cwd().resolve() != ROOT
 
 
 @pytest.mark.parametrize("make_bad, message", [
     (lambda store, tmp: ["--store", str(tmp / "nowhere"), "--no_generate"], "no episode store"),
-    (lambda store, tmp: ["--store", str(store), "--dir_model", "/proc/forbidden"], "cannot write to --dir_model"),
-    (lambda store, tmp: ["--store", str(store), "--batch_size", "0"], "--batch_size must be positive"),
-    (lambda store, tmp: ["--episode_type", "scan_jump", "--store", str(tmp / "ME")], "choose one of: ME"),
+    pytest.param(lambda store, tmp: ["--store", str(store), "--dir_model", "/proc/forbidden"],
+                 "cannot write to --dir_model", marks=pytest.mark.slow),
+    pytest.param(lambda store, tmp: ["--store", str(store), "--batch_size", "0"], "--batch_size must be positive",
+                 marks=pytest.mark.slow),
+    pytest.param(lambda store, tmp: ["--episode_type", "scan_jump", "--store", str(tmp / "ME")], "choose one of: ME",
+                 marks=pytest.mark.slow),
 ])
 def test_train_bad_input_is_one_line(me_store, tmp_path, make_bad, message):
     result = run_cli("train", "--episode_type", "ME", "--emb_size", "16", "--num_episodes", "16",
@@ -155,6 +166,7 @@ def test_train_bad_input_is_one_line(me_store, tmp_path, make_bad, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_train_refuses_a_store_that_fails_verification(me_store, tmp_path):
     import shutil
     broken = tmp_path / "ME"
@@ -166,6 +178,7 @@ def test_train_refuses_a_store_that_fails_verification(me_store, tmp_path):
     assert result.returncode != 0 and "fails verification" in result.stderr and "train-000001" in result.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_generate_a_store_that_fits_them(tmp_path):
     # The store is missing: rank 0 generates it with a shard for each (process, worker), all ranks train.
     store = tmp_path / "two ranks"
@@ -173,7 +186,7 @@ def test_torchrun_two_processes_generate_a_store_that_fits_them(tmp_path):
                str(ROOT / "cli.py"), "train", "--episode_type", "ME", "--store", str(store), "--emb_size", "16",
                "--num_episodes", "80", "--val_every", "40", "--batch_size", "8", "--workers", "1", "--no_progress",
                "--dir_model", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert [s["count"] for s in episode_store.load_manifest(store)["shards"] if s["split"] == "train"] == [40, 40]

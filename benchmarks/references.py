@@ -1,0 +1,54 @@
+"""Where the reference material lives that some tests and benchmarks run beside our code. Never imported by
+the project's packages, and never copied into them.
+
+- METASEQ2SEQ_ORIGINAL: the original code, a clone of facebookresearch/meta_seq2seq (the folder with its
+  train.py and test.py). Default: ../shared/original beside the checkout.
+- METASEQ2SEQ_SCAN: the official SCAN files, a clone of brendenlake/SCAN (its split folders are searched,
+  so the clone works as it is) or a folder holding the tasks_*.txt files. Default: ../shared/scan.
+
+Where one is absent, what needs it skips, and the skip message names the variable to set.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL_VAR, SCAN_VAR = "METASEQ2SEQ_ORIGINAL", "METASEQ2SEQ_SCAN"
+
+
+def _location(var: str, default: Path) -> Path:
+    value = os.environ.get(var, "").strip()
+    return Path(value).expanduser().resolve() if value else default
+
+
+def original_dir() -> Path:
+    """The original code's folder: $METASEQ2SEQ_ORIGINAL, else ../shared/original."""
+    return _location(ORIGINAL_VAR, ROOT.parent / "shared" / "original")
+
+
+def scan_dir() -> Path:
+    """The official SCAN files: $METASEQ2SEQ_SCAN, else ../shared/scan."""
+    return _location(SCAN_VAR, ROOT.parent / "shared" / "scan")
+
+
+def scan_file(name: str) -> Path | None:
+    """The official SCAN file `name` (e.g. tasks_test_length.txt), directly in scan_dir() or in one of its
+    folders (a clone of brendenlake/SCAN keeps them in add_prim_split/, length_split/, ...); None if absent."""
+    folder = scan_dir()
+    if (folder / name).is_file():
+        return folder / name
+    return next((path for path in sorted(folder.glob(f"*/{name}")) if path.is_file()), None)
+
+
+def original_missing(path: Path | None = None) -> str:
+    """The skip message where the original code is absent."""
+    return (f"the original code (facebookresearch/meta_seq2seq) is not at {path or original_dir()}: set "
+            f"{ORIGINAL_VAR} to a clone of it (README, 'Checks against the original code and SCAN')")
+
+
+def scan_missing(name: str = "") -> str:
+    """The skip message where an official SCAN file is absent."""
+    what = f"the official SCAN file {name}" if name else "the official SCAN files"
+    return (f"{what} (brendenlake/SCAN) not found in {scan_dir()}: set {SCAN_VAR} to a clone of it "
+            "(README, 'Checks against the original code and SCAN')")
