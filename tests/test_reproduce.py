@@ -175,13 +175,14 @@ def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
     assert json.loads((second.dir(tmp_path) / "run.json").read_text())["status"] == "done"
 
 
+@pytest.mark.slow
 def test_a_killed_stack_resumes_every_seed_from_its_checkpoint(tmp_path):
     """Two seeds in one stack, interrupted mid-training: both checkpoint at the same episode, and the same
     command resumes the stack from there; no episode is trained twice."""
     args = ["--experiments", "ME", "--seeds", "0,1", "--num_episodes", "800", "--emb_size", "16", "--nlayers", "1",
             "--threads", "1", "--val_every", "40", "--checkpoint_every", "40", "--num_val_episodes", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    grid = subprocess.Popen([sys.executable, "cli.py", "reproduce", "--out", str(tmp_path), *args], cwd=ROOT,
+    grid = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "reproduce", "--out", str(tmp_path), *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = [Run("ME", "full", 0), Run("ME", "full", 1)]
     deadline = time.time() + 300
@@ -192,8 +193,8 @@ def test_a_killed_stack_resumes_every_seed_from_its_checkpoint(tmp_path):
     assert grid.returncode == 130, stderr
     stopped = {torch.load(r.checkpoint(tmp_path), weights_only=True)["episodes_done"] for r in runs}
     assert len(stopped) == 1 and 0 < min(stopped) < 800, stopped
-    again = subprocess.run([sys.executable, "cli.py", "reproduce", "--out", str(tmp_path), *args], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, str(ROOT / "cli.py"), "reproduce", "--out", str(tmp_path), *args],
+                           env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     for run in runs:
         assert f"[resume] {run.name}: from episode {min(stopped)}" in again.stdout
