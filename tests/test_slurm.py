@@ -116,11 +116,15 @@ def test_a_killed_job_is_resumed_by_the_same_command(tmp_path):
     """--no_wait submits and returns; the job is killed (its whole process group, train included) after its
     first checkpoint; the same command then resumes the run from that checkpoint and aggregates."""
     run = Run("ME", "full", 0)
-    submitted = subprocess.run(command(tmp_path, *LONG, *SLURM, "--no_wait"), cwd=ROOT, env=environment(),
-                               capture_output=True, text=True, timeout=300, start_new_session=True)
-    assert submitted.returncode == 0, submitted.stderr
-    assert "[submitted] ME/full/seed0: job" in submitted.stdout and "run the same command again" in submitted.stdout
-    assert "--no_wait" not in submitted.stdout.splitlines()[-1] and not (tmp_path / "results.json").exists()
+    # Output to a file: the local executor's job (unlike an sbatch one) inherits it, and a pipe stays open.
+    with open(tmp_path / "submit.log", "w+") as log:
+        submitted = subprocess.run(command(tmp_path, *LONG, *SLURM, "--no_wait"), cwd=ROOT, env=environment(),
+                                   stdout=log, stderr=subprocess.STDOUT, timeout=300, start_new_session=True)
+        log.seek(0)
+        output = log.read()
+    assert submitted.returncode == 0, output
+    assert "[submitted] ME/full/seed0: job" in output and "run the same command again" in output
+    assert "--no_wait" not in output.splitlines()[-1] and not (tmp_path / "results.json").exists()
     wait_for_checkpoint(run, tmp_path)
     [job] = job_processes((tmp_path / "slurm").resolve())
     os.killpg(os.getpgid(job), signal.SIGKILL)
@@ -150,3 +154,22 @@ def test_bad_slurm_options_are_one_line_before_any_work(tmp_path, args, cluster,
     assert result.returncode != 0
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and message in result.stderr
     assert not out.exists()
+
+
+def test_the_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
+    """What sbatch would get (no cluster here: stand-ins for srun and sbatch only let submitit's Slurm executor
+    be built; nothing is submitted)."""
+    from evalsuite.launch import make_executor
+    from evalsuite.reproduce import ReproduceConfig
+    for name in ("srun", "sbatch"):
+        (tmp_path / name).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("METASEQ2SEQ_SUBMITIT_CLUSTER", "slurm")
+    cfg = ReproduceConfig(experiments=("ME",), out=str(tmp_path / "runs"), launcher="slurm", partition="gpu",
+                          time=120, gpus_per_job=1, cpus_per_job=4, slurm_extra=("constraint=volta32gb", "qos=low"))
+    script = make_executor(cfg)._executor._make_submission_file_text("CMD", "uid")
+    for line in ("--partition=gpu", "--time=120", "--gpus-per-node=1", "--cpus-per-task=4",
+                 "--constraint=volta32gb", "--qos=low", "--signal=USR2@90", f"--output={tmp_path}/runs/slurm/"):
+        assert f"#SBATCH {line}" in script, line
+    assert cfg.threads_per_job == 4  # a job's threads: its CPUs
