@@ -265,6 +265,17 @@ def predict(commands: tuple[str, ...], **kwargs) -> None:
 @passed_to_train
 @click.option("--num_val_episodes", type=int, default=GenerateConfig.num_val_episodes, show_default=True,
               help="Validation episodes per store.")
+@click.option("--launcher", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="local: jobs are processes here; slurm: each stack (or run) is a Slurm job, one job array.")
+@click.option("--partition", default=None, help="Slurm partition.  [default: the cluster's]")
+@click.option("--time", type=int, default=24 * 60, show_default=True, help="Minutes per Slurm job.")
+@click.option("--gpus_per_job", type=int, default=0, show_default=True, help="GPUs per Slurm job.")
+@click.option("--cpus_per_job", type=int, default=None,
+              help="CPUs per Slurm job (and its threads, unless --threads).  [default: the cluster's]")
+@click.option("--slurm_extra", multiple=True, metavar="KEY=VALUE",
+              help="More sbatch options, e.g. --slurm_extra constraint=volta32gb (repeatable).")
+@click.option("--no_wait", is_flag=True, help="Submit the Slurm jobs and return; the same command aggregates later.")
+@click.option("--slurm_folder", default=None, help="submitit's pickles and logs.  [default: OUT/slurm]")
 def reproduce(experiments: str, seeds: str, variants: str, **kwargs) -> None:
     """Train and evaluate the paper's grid (experiment x variant x seed), then aggregate it into
     OUT/results.{json,md,png}. Finished runs are skipped, interrupted ones resumed: run it again after a kill."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +51,10 @@ VARIANT_FLAGS = {  # keys in the order of aggregate.VARIANTS
 # RUN_KEYS (the settings that make two runs the same run) and PASS_THROUGH (the `cli.py train` flags a grid
 # passes through when given) are tags on TrainConfig's fields (trainer/config.py).
 EXIT_INTERRUPTED = 130
+ROOT = Path(__file__).resolve().parent.parent  # where `python -m cli` runs
+LAUNCHERS = ("local", "slurm")
+SUBMITIT_CLUSTER_ENV = "METASEQ2SEQ_SUBMITIT_CLUSTER"  # the tests' hook: "local" (see ReproduceConfig.slurm_cluster)
+SLURM_OPTIONS = ("partition", "time", "gpus_per_job", "cpus_per_job", "slurm_extra", "no_wait", "slurm_folder")
 
 
 @dataclass
@@ -77,16 +83,37 @@ class ReproduceConfig:
     num_val_episodes: int = episode_store.GenerateConfig.num_val_episodes
     stack_size: int = 16               # most seeds trained in one stack
     separate: bool = False             # every run in its own `train` process (no stacks)
+    # --launcher slurm: every job (a stack, or one run) is one Slurm job, through submitit (evalsuite/launch.py)
+    launcher: str = "local"            # local | slurm
+    partition: str | None = None
+    time: int = 24 * 60                # minutes per Slurm job
+    gpus_per_job: int = 0
+    cpus_per_job: int | None = None
+    slurm_extra: tuple[str, ...] = ()  # KEY=VALUE, passed as sbatch's --KEY=VALUE
+    no_wait: bool = False              # submit and return; the same command again aggregates
+    slurm_folder: str | None = None    # submitit's pickles and logs [default: OUT/slurm]
+    # Not a flag: "local" runs the slurm path through submitit's local executor (processes on this machine).
+    slurm_cluster: str = field(default_factory=lambda: os.environ.get(SUBMITIT_CLUSTER_ENV, "slurm"))
 
     def __post_init__(self):
         check_grid(self)
 
     @property
     def threads_per_job(self) -> int | None:
-        """None (one job, no --threads): the job's own adaptive thread policy decides, and follows the load."""
+        """None (one job, no --threads): the job's own adaptive thread policy decides, and follows the load.
+        A Slurm job has its node's share to itself: --threads (or --cpus_per_job) is each job's."""
+        if self.launcher == "slurm":
+            return self.threads or self.cpus_per_job
         if self.threads is None and self.jobs == 1:
             return None
         return max(1, (self.threads or usable_cores()) // self.jobs)
+
+    @property
+    def slurm_path(self) -> Path:
+        return Path(self.slurm_folder or Path(self.out) / "slurm")
+
+    def slurm_parameters(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.slurm_extra)
 
     def train_flags(self) -> dict:
         return {name: getattr(self, name) for name in PASS_THROUGH if getattr(self, name) is not None}
@@ -112,6 +139,35 @@ def check_grid(cfg: ReproduceConfig) -> None:
     if not cfg.separate and (cfg.amp not in (None, "none") or (cfg.workers or 0) > 1):
         raise UserError("stacks train in fp32 with one loader process: leave out --amp and --workers above 1, or "
                         "pass --separate")
+    check_slurm(cfg)
+
+
+def check_slurm(cfg: ReproduceConfig) -> None:
+    if cfg.launcher not in LAUNCHERS:
+        raise UserError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {cfg.launcher!r}")
+    defaults = ReproduceConfig.__dataclass_fields__
+    given = [name for name in SLURM_OPTIONS if getattr(cfg, name) != defaults[name].default]
+    if cfg.launcher == "local":
+        if given:
+            raise UserError(f"--{given[0]} is an option of --launcher slurm")
+        return
+    if cfg.time < 1 or cfg.gpus_per_job < 0 or (cfg.cpus_per_job is not None and cfg.cpus_per_job < 1):
+        raise UserError(f"--time and --cpus_per_job must be at least 1 and --gpus_per_job at least 0, got "
+                        f"{cfg.time}, {cfg.cpus_per_job} and {cfg.gpus_per_job}")
+    bad = [item for item in cfg.slurm_extra if not re.fullmatch(r"[A-Za-z][\w-]*=.+", item)]
+    if bad:
+        raise UserError(f"--slurm_extra takes KEY=VALUE such as constraint=volta32gb, got {bad[0]!r}")
+    if cfg.partition == "":
+        raise UserError("--partition must not be empty")
+    check_submitter(cfg)
+
+
+def check_submitter(cfg: ReproduceConfig) -> None:
+    if cfg.slurm_cluster not in ("slurm", "local"):
+        raise UserError(f"{SUBMITIT_CLUSTER_ENV} must be slurm or local, got {cfg.slurm_cluster!r}")
+    if cfg.slurm_cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("--launcher slurm submits with sbatch, which is not on the PATH: run it on a Slurm login "
+                        "node")
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -298,10 +354,11 @@ def plan_jobs(cfg: ReproduceConfig, todo: list[Run], states: dict[Run, RunState]
 
 class Grid:
     """Runs the jobs, `jobs` at a time; on Ctrl-C or SIGTERM it stops starting them and lets the running ones
-    checkpoint (they get SIGINT), then exits 130."""
+    checkpoint (they get SIGINT), then exits 130. `own_sessions`: each step in a session of its own, out of
+    reach of the terminal's Ctrl-C (the grid forwards it); a Slurm job keeps them in its own process group."""
 
-    def __init__(self, cfg: ReproduceConfig, say):
-        self.cfg, self.say = cfg, say
+    def __init__(self, cfg: ReproduceConfig, say, own_sessions: bool = True):
+        self.cfg, self.say, self.own_sessions = cfg, say, own_sessions
         self.stopping = threading.Event()
         self.children: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
@@ -314,7 +371,7 @@ class Grid:
             log.write(f"$ {' '.join(command)}\n")
             log.flush()
             child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+                                     cwd=ROOT, start_new_session=self.own_sessions)
             with self.lock:
                 self.children.add(child)
             code = child.wait()
@@ -392,8 +449,9 @@ def describe(record: RunRecord, cfg: ReproduceConfig, run: Run) -> str:
             + ", ".join(parts))
 
 
-def reproduce(cfg: ReproduceConfig, say=print) -> dict:
-    """Run the grid (what is not done yet), then aggregate it into OUT/results.{json,md,png}."""
+def reproduce(cfg: ReproduceConfig, say=print) -> dict | None:
+    """Run the grid (what is not done yet), then aggregate it into OUT/results.{json,md,png}. With --launcher
+    slurm and --no_wait, returns None once the jobs are submitted: the same command aggregates them later."""
     runs = grid_runs(cfg)
     states = check_runs(cfg, runs)
     todo = [r for r in runs if states[r].status != "done"]
@@ -401,14 +459,37 @@ def reproduce(cfg: ReproduceConfig, say=print) -> dict:
         if states[run].status == "done":
             say(f"[skip] {run.name}: finished, evaluated")
     prepare_stores(cfg, [r for r in todo if states[r].status in ("new", "partial")], say)
-    grid = Grid(cfg, say)
-    interrupted = _run_all(grid, plan_jobs(cfg, todo, states), states, say, total=len(runs),
-                           done=len(runs) - len(todo))
+    jobs = plan_jobs(cfg, todo, states)
+    announce(jobs, states, say)
+    if cfg.launcher == "slurm":
+        from evalsuite.launch import launch  # here: it imports submitit
+        interrupted = launch(cfg, jobs, say, total=len(runs), done=len(runs) - len(todo))
+        if interrupted is None:
+            return None
+    else:
+        interrupted = _run_all(Grid(cfg, say), jobs, states, say, total=len(runs), done=len(runs) - len(todo))
     summary = aggregate_grid(cfg.out, runs, vars(cfg))
     say(f"aggregate: {summary['paths']['md']}")
     if interrupted:
         raise KeyboardInterrupt
     return summary
+
+
+def announce(jobs: list[Job], states: dict[Run, RunState], say) -> None:
+    for job in jobs:
+        for run in job.runs:
+            if states[run].status == "partial":
+                say(f"[resume] {run.name}: from episode {states[run].episodes_done}")
+        if job.stacked and len(job.runs) > 1:
+            say(f"[stack] {job.name}: {len(job.runs)} seeds trained as one stack")
+
+
+def report(cfg: ReproduceConfig, records: dict[Run, RunRecord], say, total: int, done: int) -> int:
+    """A progress line per finished run; returns the new count of finished runs."""
+    for run, record in records.items():
+        done += 1
+        say(f"[{done}/{total}] {run.name}: {describe(record, cfg, run)}")
+    return done
 
 
 def _raise_interrupt(*_):
@@ -422,21 +503,13 @@ def _run_all(grid: Grid, jobs: list[Job], states: dict, say, total: int, done: i
     previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     pool = ThreadPoolExecutor(max_workers=grid.cfg.jobs)
     try:
-        for job in jobs:
-            for run in job.runs:
-                if states[run].status == "partial":
-                    say(f"[resume] {run.name}: from episode {states[run].episodes_done}")
-            if job.stacked and len(job.runs) > 1:
-                say(f"[stack] {job.name}: {len(job.runs)} seeds trained as one stack")
         futures = {pool.submit(grid.execute, job, states): job for job in jobs}
         pending = set(futures)
         while pending:
             try:
                 finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    for run, record in future.result().items():
-                        done += 1
-                        say(f"[{done}/{total}] {run.name}: {describe(record, grid.cfg, run)}")
+                    done = report(grid.cfg, future.result(), say, total, done)
             except KeyboardInterrupt:
                 if not grid.stopping.is_set():
                     say("interrupted: the running runs write a checkpoint; no new run starts")
