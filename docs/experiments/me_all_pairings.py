@@ -1,5 +1,6 @@
-"""ME trained on all 24 pairings, as the original's training effectively was (its tabu identifier is ordered, so
-the 5 validation pairings occur in training too): docs/results.md, "Not the validation pairings".
+"""ME trained on all 24 pairings: docs/results.md, "Not the validation pairings". (Written when the original's tabu
+identifier was thought to be ordered; it is not, and the original excludes the validation pairings as ours does.
+What this measures stands: training on them does not change how fast ME leaves the plateau.)
 
     python docs/experiments/me_all_pairings.py generate SEED OUT    # store OUT/ME; its training may use them
     python docs/experiments/me_all_pairings.py train [train flags]  # `cli.py train`, tabu check switched off

@@ -1,8 +1,8 @@
 """ME checkpoint scored on new episodes of each of the 24 pairings, split by whether its training saw the pairing.
 
-The original's tabu identifier is the pairing as an ordered list (it shuffles the inputs too), so its training
-includes the validation pairings; ours never does (docs/method.md). This asks whether a model that misses 100% on our
-validation would score higher on pairings it trained on (docs/results.md, "Not the validation pairings").
+Neither our training nor the original's sees the 5 validation pairings (an earlier reading of the original's tabu rule
+said otherwise: docs/results.md, "Not the validation pairings"). This asks whether a model that misses 100% on our
+validation would score higher on pairings it trained on.
 
     python docs/experiments/me_seen_pairings.py CHECKPOINT [EPISODES_PER_PAIRING]
 """
