@@ -110,12 +110,12 @@ def test_amp_bf16_on_a_cpu_without_bf16_is_one_line_and_writes_nothing(tmp_path)
 
 def test_train_refuses_to_replace_a_run_unless_told(store, tmp_path, capsys):
     run(store, tmp_path, num_episodes=16)
-    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    files = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     code = run_cli(cli, ["train", "--store", str(store), "--dir_model", str(tmp_path), "--num_episodes", "16",
                          *CLI_TINY])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "--resume" in err and "--overwrite" in err, err
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files  # nothing touched
+    assert {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files  # nothing touched
     run(store, tmp_path, num_episodes=24, overwrite=True)
     rows = [json.loads(line) for line in open(tmp_path / "net_ME.metrics.jsonl")]
     assert load_checkpoint(tmp_path / "net_ME.pt")["episodes_done"] == 24
