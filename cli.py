@@ -205,6 +205,11 @@ def passed_to_train(command):
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--store", default=None,
               help="The episode store, if it moved since training.  [default: the checkpoint's]")
+@click.option("--val_episodes", type=int, default=0, metavar="N",
+              help="Also score N validation episodes drawn afresh on the store's held-out pairings, which "
+                   "training never saw (split validation_N).")
+@click.option("--val_seed", type=int, default=0, show_default=True,
+              help="The seed of the --val_episodes draw (numpy default_rng).")
 @click.option("--progress/--no_progress", default=True, help="Show a progress bar.")
 @threads_option
 def eval_command(checkpoint: str | None, dir_model: str | None, fn_in_model: str | None, **kwargs) -> None:

@@ -3,11 +3,19 @@
 Each run contributes what its eval report says: validation retrieval and generalization, and the accuracy
 on its SCAN test split. Per (experiment, variant), each metric is the mean and the sample standard deviation
 (n - 1 in the denominator; none for a single seed) over the seeds that finished, beside the paper's number.
+
+Every path in results.json and results.md is relative to OUT (the grid's folder), so the aggregate can be
+committed or moved without naming a machine's folders: a run's "dir" is "ME/full/seed0", the grid's "out" is
+".", and the command line in the provenance names its paths the same way (a path outside OUT by its last
+part only).
 """
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import statistics
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +94,8 @@ def read_run(out: Path, run) -> dict:
     row = {"experiment": run.experiment, "variant": run.variant, "seed": run.seed,
            "status": record.get("status", "missing"), "error": record.get("error"),
            "train_seconds": record.get("train_seconds"), "eval_seconds": record.get("eval_seconds"),
-           "metrics": {}, "dir": str(folder)}
+           "metrics": {}, "dir": grid_relative(folder, out)}
+    row["error"] = without_folders(row["error"], out)
     results_path = run.eval_dir(out) / RESULTS_NAME
     if row["status"] == "done" and results_path.is_file():
         results = json.loads(results_path.read_text())
@@ -94,6 +103,51 @@ def read_run(out: Path, run) -> dict:
         row["episodes"] = results["checkpoint"].get("episodes_done")
         row["trained_on"] = trained_on(results["checkpoint"].get("provenance") or {})
     return row
+
+
+def grid_relative(path: str | Path, out: str | Path) -> str:
+    """A path as the aggregate names it: relative to OUT when it is OUT or inside it ("." for OUT itself),
+    else its last part only, so that no folder of the machine's is written down."""
+    path, root = Path(os.path.abspath(Path(path).expanduser())), Path(os.path.abspath(out))
+    if path == root or root in path.parents:
+        return path.relative_to(root).as_posix() or "."
+    return path.name or "."
+
+
+def looks_like_path(word: str) -> bool:
+    return word.startswith(("/", "~")) or os.path.exists(word)
+
+
+def grid_command(argv: list[str], out: str | Path) -> str:
+    """The command line with its program by name and its paths relative to OUT (`--out /work/runs` is
+    `--out .`); the words that are no path are as given."""
+    words = [Path(argv[0]).name] if argv else []
+    for word in argv[1:]:
+        name, eq, value = word.partition("=")
+        if eq and word.startswith("-") and looks_like_path(value):
+            words.append(f"{name}={grid_relative(value, out)}")
+        elif not word.startswith("-") and looks_like_path(word):
+            words.append(grid_relative(word, out))
+        else:
+            words.append(word)
+    return shlex.join(words)
+
+
+def without_folders(text: str | None, out: str | Path) -> str | None:
+    """A message (a run's error) with OUT's absolute path written relative to OUT."""
+    if not text:
+        return text
+    root = os.path.abspath(out)
+    return text.replace(root + os.sep, "").replace(root, ".")
+
+
+def grid_settings(grid_config: dict, out: str | Path) -> dict:
+    """The grid's settings as JSON, its folders (out, slurm_folder) relative to OUT."""
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in grid_config.items()}
+    for key in ("out", "slurm_folder"):
+        if settings.get(key):
+            settings[key] = grid_relative(settings[key], out)
+    return settings
 
 
 def trained_on(provenance: dict) -> str | None:
@@ -187,9 +241,9 @@ def aggregate_grid(out: str | Path, runs: list[Run], grid_config: dict) -> dict:
     rows = [read_run(out, run) for run in runs]
     groups = group_rows(rows)
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
-    summary = {"grid": {k: (list(v) if isinstance(v, tuple) else v) for k, v in grid_config.items()},
-               "provenance": provenance.collect(), "groups": groups, "runs": rows,
-               "paths": {k: str(v) for k, v in paths.items()}}
+    origin = provenance.collect() | {"command": grid_command(sys.argv, out)}
+    summary = {"grid": grid_settings(grid_config, out), "provenance": origin, "groups": groups, "runs": rows,
+               "paths": {k: grid_relative(v, out) for k, v in paths.items()}}
     write_bytes_atomically(paths["json"], (json.dumps(summary, indent=2) + "\n").encode())
     write_bytes_atomically(paths["md"], markdown_table(groups, summary).encode())
     plot_grid(groups, paths["png"])

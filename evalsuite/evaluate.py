@@ -14,11 +14,11 @@ import torch
 
 from evalsuite import report
 from evalsuite.decode import DEFAULT_CHUNK_SIZE, decode_shared_support
-from evalsuite.splits import (SCAN_FILE, SCAN_TEST_SPLITS, VALIDATION, paper_number, parse_support, read_scan_file,
-                              scan_test_pairs, splits_for)
+from evalsuite.splits import (SCAN_FILE, SCAN_TEST_SPLITS, VALIDATION, drawn_validation, paper_number, parse_support,
+                              read_scan_file, scan_test_pairs, splits_for)
 from pipeline.errors import UserError
 from pipeline.shardio import file_sha256
-from pipeline.store import load_manifest, manifest_sha256, shard_paths, val_shards_sha256
+from pipeline.store import draw_validation, load_manifest, manifest_sha256, shard_paths, val_shards_sha256
 from trainer.checkpoint import load_checkpoint
 from trainer.data import Tokenizer, read_records
 from trainer.device import resolve_device
@@ -42,6 +42,8 @@ class EvalConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE  # queries per pseudo-episode when many share one support set
     progress: bool = False
     episode_type: str | None = None  # if given, the checkpoint's episode type must be this one
+    val_episodes: int = 0           # also score this many freshly drawn validation episodes (split validation_N)
+    val_seed: int = 0               # the seed of that draw
 
     @property
     def out_dir(self) -> Path:
@@ -96,6 +98,7 @@ class SplitTask:
     episodic: bool                    # several support sets: report each episode and their mean
     records: list[dict] | None = None  # validation: decoded by the trainer's own code path
     source: dict | None = None         # --scan_file: the file's path and sha256, for the provenance
+    draw: dict | None = None           # validation_N: how its episodes were drawn
 
 
 @dataclass
@@ -134,6 +137,8 @@ def write_report(cfg: EvalConfig, loaded: Loaded, tasks: list[SplitTask], decode
     def write_files(directory: Path) -> None:
         for task in tasks:
             report.write_predictions(directory, task.name, decoded[task.name], task.episodic)
+            if task.draw is not None:  # the drawn episodes themselves: they are in no store
+                report.write_episodes(directory, task.name, task.records)
             if cfg.plot > 0:
                 from evalsuite.plots import plot_split  # matplotlib takes a second to import: only when asked
                 plots = plot_split(loaded, task, cfg.plot, directory)
@@ -149,10 +154,14 @@ def check_config(cfg: EvalConfig) -> None:
         raise UserError("--split and --scan_file exclude each other")
     if cfg.plot < 0 or (cfg.max_length is not None and cfg.max_length < 1) or cfg.chunk_size < 1:
         raise UserError("--plot must be >= 0, and --max_length_eval and the chunk size >= 1")
+    if type(cfg.val_episodes) is not int or cfg.val_episodes < 0 or type(cfg.val_seed) is not int or cfg.val_seed < 0:
+        raise UserError(f"--val_episodes and --val_seed must be non-negative integers, got {cfg.val_episodes!r} "
+                        f"and {cfg.val_seed!r}")
 
 
 def requested_splits(cfg: EvalConfig, episode_type: str) -> tuple[str, ...]:
-    return (SCAN_FILE,) if cfg.scan_file is not None else splits_for(episode_type, cfg.split)
+    names = (SCAN_FILE,) if cfg.scan_file is not None else splits_for(episode_type, cfg.split)
+    return names + ((drawn_validation(cfg.val_episodes),) if cfg.val_episodes else ())
 
 
 def load_model(ckpt: dict, cfg: EvalConfig) -> Loaded:
@@ -177,6 +186,8 @@ def prepare_split(name: str, loaded: Loaded, cfg: EvalConfig) -> SplitTask:
         episodes = [Episode(_items(r["support"]), _items(episode_queries(r, support_as_queries=True)))
                     for r in records]
         return SplitTask(name, episodes, episodic=True, records=records)
+    if cfg.val_episodes and name == drawn_validation(cfg.val_episodes):
+        return drawn_validation_task(name, loaded, cfg)
     if name == SCAN_FILE:
         return scan_file_task(cfg.scan_file, cfg.support, loaded.tokenizer)
     split = SCAN_TEST_SPLITS[name]
@@ -184,6 +195,18 @@ def prepare_split(name: str, loaded: Loaded, cfg: EvalConfig) -> SplitTask:
     if split.support is not None:
         return SplitTask(name, [encoded(list(split.support), queries, loaded.tokenizer)], episodic=False)
     return length_task(name, validation_records(loaded.checkpoint, cfg.store), queries, loaded.tokenizer)
+
+
+def drawn_validation_task(name: str, loaded: Loaded, cfg: EvalConfig) -> SplitTask:
+    """`--val_episodes N`: N validation episodes drawn afresh (pipeline.store.draw_validation) on the pairings
+    of the store's validation episodes, whose identifiers training never saw; scored as `validation` is."""
+    held = validation_records(loaded.checkpoint, cfg.store)
+    records = draw_validation(loaded.checkpoint["episode_type"], held, cfg.val_episodes, cfg.val_seed)
+    episodes = [Episode(_items(r["support"]), _items(episode_queries(r, support_as_queries=True))) for r in records]
+    draw = {"n_episodes": cfg.val_episodes, "seed": cfg.val_seed, "rng": f"numpy default_rng({cfg.val_seed})",
+            "held_out_identifiers": sorted({r["identifier"] for r in held}),
+            "episodes": report.episodes_name(name)}
+    return SplitTask(name, episodes, episodic=True, records=records, draw=draw)
 
 
 def length_task(name: str, records: list[dict], queries: list[tuple[str, str]], tokenizer: Tokenizer) -> SplitTask:
@@ -300,6 +323,8 @@ def split_scores(task: SplitTask, per_episode: list[list[QueryResult]], seconds:
     else:
         scores = score_queries(per_episode[0])
         scores["support"] = [{"input": i, "output": o} for i, o in task.episodes[0].support]
-    paper = paper_number(episode_type, task.name)
+    paper = paper_number(episode_type, VALIDATION if task.draw is not None else task.name)
     scores["paper"] = {"accuracy": paper.accuracy, "note": paper.note} if paper else None
+    if task.draw is not None:
+        scores["draw"] = task.draw
     return {**scores, "decode_seconds": round(seconds, 3), "predictions": report.predictions_name(task.name)}

@@ -54,6 +54,18 @@ def write_predictions(out_dir: Path, split: str, per_episode: list[list[QueryRes
     return path
 
 
+def episodes_name(split: str) -> str:
+    return f"episodes_{split}.jsonl"
+
+
+def write_episodes(out_dir: Path, split: str, records: list[dict]) -> Path:
+    """The episode records of a split that no store holds (`--val_episodes`), one JSON line each."""
+    path = Path(out_dir) / episodes_name(split)
+    lines = (json.dumps({k: v for k, v in r.items() if k != "__key__"}, sort_keys=True) + "\n" for r in records)
+    write_bytes_atomically(path, "".join(lines).encode())
+    return path
+
+
 def write_results(out_dir: Path, results: dict) -> Path:
     """results.json, last: its "files" lists what is in the directory then, itself included."""
     path = Path(out_dir) / RESULTS_NAME

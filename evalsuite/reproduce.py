@@ -469,7 +469,7 @@ def reproduce(cfg: ReproduceConfig, say=print) -> dict | None:
     else:
         interrupted = _run_all(Grid(cfg, say), jobs, states, say, total=len(runs), done=len(runs) - len(todo))
     summary = aggregate_grid(cfg.out, runs, vars(cfg))
-    say(f"aggregate: {summary['paths']['md']}")
+    say(f"aggregate: {Path(cfg.out) / summary['paths']['md']}")
     if interrupted:
         raise KeyboardInterrupt
     return summary

@@ -53,6 +53,11 @@ def paper_number(episode_type: str | None, split: str) -> PaperNumber | None:
     """The paper's number for `split` of a model meta-trained on `episode_type`, if it reports one."""
     return PAPER_NUMBERS.get((episode_type, split))
 
+def drawn_validation(n: int) -> str:
+    """The split of `eval --val_episodes N`: N validation episodes drawn afresh on the held-out pairings."""
+    return f"{VALIDATION}_{n}"
+
+
 # The splits each episode type is evaluated on; the default of `--split` is all of them.
 TYPE_SPLITS = {
     "ME": (VALIDATION,),

@@ -86,6 +86,15 @@ class EpisodeSampler:
         raise TabuError(f"{self.episode_type}: no training episode avoids the validation identifiers "
                         f"after {MAX_TABU_TRIES} tries ({len(tabu)} identifiers are tabu)")
 
+    def sample_more_validation(self, rng: np.random.Generator, pairings: list[tuple[list[str], list[str]]],
+                               n: int) -> list[dict]:
+        """`n` more validation episodes, each on one of `pairings` (words, actions), picked with `rng`: the
+        pairings of a store's validation episodes, whose identifiers its training episodes avoid. Each is made
+        as the store made its validation episodes (the "val" split's pools), so only the draw differs."""
+        if not pairings:
+            raise UserError(f"{self.episode_type}: no validation pairing to draw episodes on")
+        return [self._episode(rng, *pairings[int(rng.integers(len(pairings)))], split="val") for _ in range(n)]
+
     def _validation_episode(self, rng: np.random.Generator) -> dict:
         raise NotImplementedError
 

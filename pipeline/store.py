@@ -35,7 +35,7 @@ from pipeline.verify import verify_store
 from pipeline.vocab import build_vocab
 
 __all__ = ["GenerateConfig", "generate", "verify_store", "load_manifest", "manifest_sha256", "shard_paths",
-           "val_shards_sha256", "GENERATOR_VERSION"]
+           "val_shards_sha256", "draw_validation", "GENERATOR_VERSION"]
 CARD_NAME = "README.md"
 
 
@@ -256,6 +256,28 @@ def _write_val_shards(cfg: GenerateConfig, store: Path) -> tuple[list[dict], fro
         samples = (_sample(cfg.episode_type, "val", start + j, ep) for j, ep in enumerate(chunk))
         entries.append(_entry(store, "val", shard, samples))
     return entries, frozenset(ep["identifier"] for ep in episodes)
+
+
+def draw_validation(episode_type: str, val_records: list[dict], n: int, seed: int) -> list[dict]:
+    """`n` validation episodes more than a store holds, as records: drawn from `default_rng(seed)` by the
+    store's sampler with its validation rule, each on the pairing of one of the store's validation episodes
+    (`val_records`), picked at random. Their identifiers are therefore the store's validation identifiers,
+    the ones its training episodes were generated to avoid (the tabu of `_write_shards`): held out from
+    training, as the store's own validation episodes are, but with fresh support sets and queries."""
+    if type(n) is not int or n < 1 or type(seed) is not int or seed < 0:
+        raise UserError(f"the number of validation episodes must be positive and the seed non-negative, got "
+                        f"{n!r} and {seed!r}")
+    sampler = get_sampler(episode_type)
+    pairings = {}
+    for record in val_records:
+        words, actions = [m["src"] for m in record["mapping"]], [m["tgt"] for m in record["mapping"]]
+        if sampler._identifier(words, actions) != record["identifier"]:
+            raise UserError(f"validation episode {record.get('index')} names its pairing {record['identifier']!r} "
+                            "but its mapping makes another: the store was made by another generator")
+        pairings[record["identifier"]] = (words, actions)
+    held_out = [pairings[identifier] for identifier in sorted(pairings)]
+    episodes = sampler.sample_more_validation(np.random.default_rng(seed), held_out, n)
+    return [json.loads(encode_record(make_record(episode_type, "val", i, ep))) for i, ep in enumerate(episodes)]
 
 
 def _train_tasks(cfg: GenerateConfig) -> list[tuple[int, int, int]]:

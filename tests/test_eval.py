@@ -512,3 +512,78 @@ def test_support_oov_and_missing_support(capsys, aug_checkpoint, tmp_path):
     assert_one_error_line(code, err, "--support", "'fly'")
     assert_one_error_line(*invoke(capsys, "--checkpoint", str(aug_checkpoint), "--scan_file", str(scan_file)),
                           "--support")
+
+
+# ---- --val_episodes: more held-out validation episodes ------------------------------------------------------
+
+def store_identifiers(store: Path, split: str) -> list[str]:
+    from pipeline.store import shard_paths
+    from trainer.data import read_records
+    return [r["identifier"] for r in read_records(shard_paths(store, split))]
+
+
+def test_val_episodes_draws_held_out_episodes_scored_as_validation(me_checkpoint, tmp_path):
+    from trainer.evaluate import decode_records
+    results = evaluate(EvalConfig(str(me_checkpoint), split="validation", out=str(tmp_path), val_episodes=20))
+    scores = results["splits"]["validation_20"]
+    episodes = read_jsonl(tmp_path / scores["draw"]["episodes"])
+    assert len(episodes) == scores["n_episodes"] == 20 and scores["draw"]["seed"] == 0
+
+    # Every identifier is one of the store's validation identifiers, and none occurs in training.
+    ckpt = load_checkpoint(me_checkpoint)
+    store = Path(ckpt["store"])
+    held_out, trained = set(store_identifiers(store, "val")), set(store_identifiers(store, "train"))
+    drawn = [e["identifier"] for e in episodes]
+    assert set(drawn) <= held_out and not set(drawn) & trained
+    assert len(set(drawn)) > 1 and scores["draw"]["held_out_identifiers"] == sorted(held_out)
+    for e in episodes:  # ME episodes as the store makes them: 3 support words, 20 distinct queries, true outputs
+        meaning = {m["src"]: m["tgt"] for m in e["mapping"]}
+        assert len({s["input"] for s in e["support"]}) == 3 and len({q["input"] for q in e["query"]}) == 20
+        assert all(q["output"] == " ".join(meaning[w] for w in q["input"].split()) for q in e["support"] + e["query"])
+
+    # The scores and predictions are those of decoding the same episodes through the trainer's validation.
+    model = MetaSeq2Seq(ModelConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    tokenizer = Tokenizer(tuple(ckpt["input_vocab"]), tuple(ckpt["output_vocab"]))
+    per_episode = decode_records(model, episodes, tokenizer, results["max_length"], torch.device("cpu"))
+    expected = score_episodes(per_episode)
+    for key in ("accuracy", "retrieval", "generalization"):
+        assert scores[key] == pytest.approx(expected[key])
+    assert [e["accuracy"] for e in scores["episodes"]] == [e["accuracy"] for e in expected["episodes"]]
+    predictions = read_jsonl(tmp_path / scores["predictions"])
+    assert [p["prediction"] for p in predictions] == [r.prediction for e in per_episode for r in e]
+    assert 0 < expected["accuracy"] < 100  # a checkpoint that gets some right: the comparison means something
+    assert "validation_20" in summary_table(results) and results["splits"]["validation"]["n_episodes"] == 5
+
+
+def test_val_episodes_same_seed_same_episodes_other_seed_others(me_checkpoint, tmp_path):
+    def draw(name: str, seed: int) -> tuple[bytes, dict]:
+        results = evaluate(EvalConfig(str(me_checkpoint), split="validation", out=str(tmp_path / name),
+                                      val_episodes=8, val_seed=seed))
+        return (tmp_path / name / "episodes_validation_8.jsonl").read_bytes(), results["splits"]["validation_8"]
+    first, again, other = draw("a", 3), draw("b", 3), draw("c", 4)
+    assert first[0] == again[0] and first[1]["accuracy"] == again[1]["accuracy"]
+    assert first[0] != other[0]
+
+
+@pytest.mark.parametrize("args", [["--val_episodes", "-1"], ["--val_episodes", "4", "--val_seed", "-2"]])
+def test_val_episodes_bad_input_is_one_line(me_checkpoint, tmp_path, capsys, args):
+    out = tmp_path / "report"
+    code = run_cli(cli, ["eval", "--checkpoint", str(me_checkpoint), "--out", str(out), "--no_progress", *args])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("error: --val_episodes and --val_seed") and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fixture", ["aug_checkpoint", "length_checkpoint"])
+def test_val_episodes_of_scan_types_keep_the_held_out_pairing(fixture, request, tmp_path):
+    checkpoint = request.getfixturevalue(fixture)
+    results = evaluate(EvalConfig(str(checkpoint), split="validation", out=str(tmp_path), val_episodes=3))
+    episodes = read_jsonl(tmp_path / "episodes_validation_3.jsonl")
+    store = Path(load_checkpoint(checkpoint)["store"])
+    assert {e["identifier"] for e in episodes} == set(store_identifiers(store, "val"))
+    assert not {e["identifier"] for e in episodes} & set(store_identifiers(store, "train"))
+    assert results["splits"]["validation_3"]["n_episodes"] == 3
+    if fixture == "length_checkpoint":  # validation queries of scan_length come from SCAN's length test split
+        test_commands = {p.command for p in scan_test_pairs("length")}
+        assert all(q["input"] in test_commands for e in episodes for q in e["query"])

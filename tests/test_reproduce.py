@@ -125,6 +125,66 @@ def test_the_aggregate_equals_a_hand_computation(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
+def strings_in(value) -> list[str]:
+    """Every string value in a JSON document, however deep."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings_in(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings_in(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def assert_no_machine_folder(out: Path) -> dict:
+    text_json, text_md = (out / "results.json").read_text(), (out / "results.md").read_text()
+    summary = json.loads(text_json)
+    absolute = [s for s in strings_in(summary) if s.startswith("/") or " /" in s or "=/" in s]
+    assert not absolute, absolute
+    assert str(out) not in text_json and str(out) not in text_md
+    assert str(out.resolve()) not in text_json and str(out.resolve()) not in text_md
+    return summary
+
+
+def test_the_aggregate_names_paths_relative_to_the_grid_folder(tmp_path, monkeypatch):
+    out = tmp_path / "grid"
+    done, failed = Run("ME", "full", 0), Run("ME", "full", 1)
+    write_fake_run(out, done, "done", {"validation": {"generalization": 100.0, "retrieval": 100.0}})
+    write_fake_run(out, failed, "failed", {})
+    record = failed.dir(out) / "run.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()),
+                                  "error": f"train exited 1: error: {out}/stores/seed1/ME is not a store"}))
+    # The command line as a shell would give it: the program and --out as absolute paths.
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "cli.py"), "reproduce", "--out", str(out), "--seeds", "0,1",
+                                      f"--slurm_folder={out}/slurm"])
+    summary = aggregate_grid(out, [done, failed], {"out": str(out), "seeds": (0, 1), "slurm_folder": str(out / "slurm")})
+
+    assert assert_no_machine_folder(out) == json.loads(json.dumps(summary))
+    assert [row["dir"] for row in summary["runs"]] == ["ME/full/seed0", "ME/full/seed1"]
+    assert (out / summary["runs"][0]["dir"] / "run.json").is_file()  # relative to OUT, the folder is there
+    assert summary["paths"] == {"json": "results.json", "md": "results.md", "png": "results.png"}
+    assert summary["grid"]["out"] == "." and summary["grid"]["slurm_folder"] == "slurm"
+    assert summary["provenance"]["command"] == "cli.py reproduce --out . --seeds 0,1 --slurm_folder=slurm"
+    assert summary["runs"][1]["error"] == "train exited 1: error: stores/seed1/ME is not a store"
+    assert "ME/full/seed1: failed (train exited 1: error: stores/seed1/ME" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_tiny_grid_aggregate_names_no_folder_of_the_machine(tiny_grid):
+    out, result = tiny_grid
+    summary = assert_no_machine_folder(out)
+    assert sorted(row["dir"] for row in summary["runs"]) == [
+        f"{e}/full/seed{s}" for e in ("ME", "scan_around_right") for s in (0, 1)]
+    assert "--out ." in summary["provenance"]["command"] and summary["grid"]["out"] == "."
+    assert f"aggregate: {out / 'results.md'}" in result.stdout  # the terminal still says where it is
+
+
+def test_the_committed_aggregate_names_no_absolute_path():
+    summary = json.loads((ROOT / "docs" / "results.json").read_text())
+    absolute = [s for s in strings_in(summary) if s.startswith("/") or " /" in s]
+    assert not absolute, absolute
+    assert {row["dir"] for row in summary["runs"]} >= {"ME/full/seed0", "scan_length/full/seed0"}
+    assert "/work" not in (ROOT / "docs" / "results.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--experiments", "ME,nope"], "unknown experiment 'nope'"),
     pytest.param(["--variants", "full,no_memry"], "unknown variant 'no_memry'", marks=pytest.mark.slow),

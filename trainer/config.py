@@ -84,7 +84,7 @@ class TrainConfig:
     val_every: int = setting(100, "Validate and log a line every this many episodes.", grid=True)
     checkpoint_every: int = setting(
         1000, "Write the checkpoint (and redraw the curve) every this many episodes.", grid=True)
-    amp: str = setting("none", "bf16 autocast of matrix products (CUDA, or a CPU with native bf16).",
+    amp: str = setting("none", "bf16 autocast of matrix products (CUDA, or a CPU where a bf16 training step runs).",
                        run=True, grid=True)
     compile: bool = setting(False, "torch.compile the model.")
     generate_missing_store: bool = setting(True)
@@ -160,7 +160,7 @@ def check_config(cfg: TrainConfig, world_size: int, device_type: str) -> None:
                         f"several models, give --seeds (each process trains its share, one episode per step "
                         f"each); to train one model on several processes, make --batch_size a multiple of "
                         f"{world_size}")
-    check_amp(cfg.amp, device_type)  # e.g. bf16 on a CPU whose oneDNN has no bf16 LSTM: one line, no files
+    check_amp(cfg.amp, device_type)  # e.g. bf16 where a tiny bf16 training step fails: one line, no files
 
 
 def check_checkpoint_target(cfg: TrainConfig) -> None:

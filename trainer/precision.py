@@ -1,8 +1,15 @@
 """Which reduced precisions this machine can train in, found by trying rather than by reading CPU flags.
 
-CPU bf16 autocast runs the LSTMs through oneDNN, which refuses ("could not create a primitive descriptor for
-the LSTM forward propagation primitive") on CPUs without native bf16, such as AVX2-only ones. A flag check
-would have to track oneDNN's own rules; a tiny LSTM forward and backward under autocast asks oneDNN itself.
+`--amp bf16` on the CPU once ran the LSTMs through nn.LSTM, i.e. oneDNN, whose bf16 LSTM primitive does not
+exist on CPUs without native bf16 such as AVX2-only ones ("could not create a primitive descriptor for the
+LSTM forward propagation primitive"); the probe tried a bf16 nn.LSTM and refused --amp bf16 where it failed.
+CPU training no longer runs nn.LSTM: its LSTMs are trainer/lstm.py's packed recurrence (`_Recurrence`,
+matrix products under autocast, element-wise gates in fp32), and so are the output layers and the loss.
+So the probe now tries what a CPU training step runs: a tiny MetaSeq2Seq's loss (memory, attention, both
+LSTMs, with dropout, in training mode) forward under bf16 autocast and backward, and refuses only if that
+fails or gives a non-finite loss or gradient. With oneDNN limited to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2), where
+the bf16 nn.LSTM fails, this step runs (tests/test_train_daily.py). A flag check would have to track
+oneDNN's and torch's own rules; trying asks them.
 """
 from __future__ import annotations
 
@@ -15,19 +22,39 @@ from pipeline.errors import UserError
 AMP_CHOICES = ("none", "bf16")
 
 
+def bf16_training_step(autocast: bool = True) -> torch.Tensor:
+    """The loss of one training step of a tiny model (E = 8, 2 layers, dropout) on the CPU under bf16
+    autocast (without it: the same step in fp32), after its backward; raises what torch raises where a part
+    of it cannot run in bf16. Under a forked RNG: probing must not change a run's draws (init, dropout)."""
+    from trainer.data import Tokenizer, collate_episodes  # here: the model's modules, only when probing
+    from trainer.model import MetaSeq2Seq, ModelConfig
+    from pipeline.vocab import build_vocab
+    tokenizer = Tokenizer(tuple(build_vocab(("dax", "lug", "wif"))), tuple(build_vocab(("RED", "BLUE", "GREEN"))))
+    episode = {"support": [{"input": "dax", "output": "RED"}, {"input": "lug", "output": "BLUE"}],
+               "query": [{"input": "dax lug wif", "output": "RED BLUE GREEN"}, {"input": "wif", "output": "GREEN"}]}
+    batch = collate_episodes([episode, {**episode, "support": episode["support"][:1]}], tokenizer, True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MetaSeq2Seq(ModelConfig(len(tokenizer.input_vocab), len(tokenizer.output_vocab), emb_size=8,
+                                        nlayers=2, dropout=0.1)).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model.loss(batch)
+        loss.backward()
+    if not torch.isfinite(loss) or not all(torch.isfinite(p.grad).all() for p in model.parameters()
+                                           if p.grad is not None):
+        raise RuntimeError("a bf16 training step gave a non-finite loss or gradient")
+    return loss.detach()
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_problem() -> str | None:
-    """None if an LSTM trains under CPU bf16 autocast here, else why not (one line). Cached: ~10 ms once."""
-    generator = torch.Generator().manual_seed(0)  # not the global RNG: probing must not change a run's draws
-    lstm = torch.nn.LSTM(8, 8, num_layers=1, batch_first=True, bidirectional=True)
-    inputs = torch.randn(2, 3, 8, generator=generator, requires_grad=True)
+    """None if a training step of the model runs under CPU bf16 autocast here, else why not (one line).
+    Cached: tens of ms once."""
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, _ = lstm(inputs)
-        out.float().sum().backward()
-    except RuntimeError as err:  # oneDNN's refusal; its message runs to many lines
+        bf16_training_step()
+    except RuntimeError as err:  # e.g. oneDNN's refusal; its message runs to many lines
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        return f"this CPU cannot run the LSTMs in bf16 ({first.split('. ')[0].rstrip('.')})"
+        return f"this CPU cannot train the model in bf16 ({first.split('. ')[0].rstrip('.')})"
     return None
 
 

@@ -1,8 +1,9 @@
 """What a run reports as it goes: a line per validation point on the terminal, the same as JSONL on disk,
-and the learning curve."""
+the same as TensorBoard scalars, and the learning curve."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,13 +30,35 @@ def crossed(before: int, after: int, every: int) -> bool:
     return after // every > before // every
 
 
+def tensorboard_writer_class():
+    """torch's SummaryWriter, or None where the tensorboard package is not installed (training goes on)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter
+
+
+def tensorboard_tag(key: str) -> str:
+    """A row's key as a TensorBoard tag: "val_generalization" is "val/generalization", "loss" "train/loss"."""
+    return f"val/{key[len('val_'):]}" if key.startswith("val_") else f"train/{key}"
+
+
 class RunLog:
     """One line per validation point on the terminal, the same as JSONL on disk (appended and closed at each
-    point, so it is on disk as it happens), and the curve PNG, redrawn at every checkpoint."""
+    point, so it is on disk as it happens), the same as TensorBoard scalars (x axis: episodes) in
+    `<dir_model>/tb/<checkpoint stem>/`, flushed at each point, and the curve PNG, redrawn at every checkpoint.
+
+    On --resume, the rows logged after the checkpoint are trained again: they are dropped from the JSONL, and
+    the TensorBoard writer reopens with purge_step just after the checkpoint's episode, so that TensorBoard
+    discards the old events from there on and the curves do not double."""
 
     def __init__(self, cfg: TrainConfig, is_main: bool, episodes_done: int):
         self.is_main = is_main
         self.metrics_path, self.plot_path = self.paths(cfg)
+        self.tb_dir = self.tensorboard_dir(cfg)
+        self.purge_step = episodes_done + 1 if cfg.resume else None  # the checkpoint's own row is kept
+        self.writer = None
         if not is_main:
             return
         if cfg.resume:
@@ -43,6 +66,12 @@ class RunLog:
         else:  # a new run (--overwrite included): nothing of an older one stays beside it
             for path in (self.metrics_path, self.plot_path, cfg.checkpoint_path):
                 path.unlink(missing_ok=True)
+            shutil.rmtree(self.tb_dir, ignore_errors=True)
+
+    @staticmethod
+    def tensorboard_dir(cfg: TrainConfig) -> Path:
+        """Beside the checkpoint, one folder per run: `tensorboard --logdir <dir_model>` shows every run."""
+        return cfg.checkpoint_path.parent / "tb" / cfg.checkpoint_path.stem
 
     @staticmethod
     def paths(cfg: TrainConfig) -> tuple[Path, Path]:
@@ -74,6 +103,23 @@ class RunLog:
                "threads": torch.get_num_threads(), **{f"val_{k}": v for k, v in state.last_val.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        self._write_scalars(row)
+
+    def _write_scalars(self, row: dict) -> None:
+        if self.writer is None:  # opened at the first row: a run with nothing to log leaves no events file
+            writer_class = tensorboard_writer_class()
+            if writer_class is None:
+                return
+            self.writer = writer_class(log_dir=str(self.tb_dir), purge_step=self.purge_step)
+        for key, value in row.items():
+            if key != "episodes" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(tensorboard_tag(key), value, global_step=row["episodes"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     def draw(self) -> None:
         from trainer.report import plot_curves  # matplotlib is slow to import: at the first checkpoint only

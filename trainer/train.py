@@ -126,8 +126,11 @@ def _run(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device) -
     stream = StreamConfig(shards=tuple(shards), batch_size=cfg.batch_size // ctx.world_size, tokenizer=tokenizer,
                           support_as_queries=not cfg.disable_recon_loss, seed=cfg.seed, workers=cfg.workers)
     val_records = read_records(episode_store.shard_paths(cfg.store_path, "val"))
-    with StopRequest() as stop:
-        _loop(state, session, loss_module, stream, val_records, tokenizer, run, stop)
+    try:
+        with StopRequest() as stop:
+            _loop(state, session, loss_module, stream, val_records, tokenizer, run, stop)
+    finally:
+        run.close()
     return {"val": state.last_val, "episodes_done": state.episodes_done, "checkpoint": str(cfg.checkpoint_path),
             "metrics": str(run.metrics_path), "is_main": ctx.is_main}
 

@@ -197,8 +197,12 @@ def _run_stack(cfg: TrainConfig, members_cfg: list[TrainConfig], seeds: tuple[in
     for member in members:
         member.run = RunLog(member.cfg, True, member.state.episodes_done)
     print(stack_summary(cfg, members, device), flush=True)
-    with StopRequest() as stop:
-        _stack_loop(cfg, stack_state, members, device, stop)
+    try:
+        with StopRequest() as stop:
+            _stack_loop(cfg, stack_state, members, device, stop)
+    finally:
+        for member in members:
+            member.run.close()
     return result(members)
 
 
