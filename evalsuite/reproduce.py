@@ -347,8 +347,11 @@ def plan_jobs(cfg: ReproduceConfig, todo: list[Run], states: dict[Run, RunState]
         groups.setdefault(key, []).append(run)
     jobs = []
     for (_, _, _, stacked), runs in groups.items():
-        size = cfg.stack_size if stacked else 1
-        jobs += [Job(tuple(runs[i:i + size]), stacked) for i in range(0, len(runs), size)]
+        # With --jobs N the seeds are spread over N stacks: on a CPU of few cores, N one-thread stacks side by
+        # side beat one stack on N threads (docs/benchmarks.md, "Stacks of seeds").
+        size = min(cfg.stack_size, -(-len(runs) // cfg.jobs)) if stacked else 1
+        chunks = [tuple(runs[i:i + size]) for i in range(0, len(runs), size)]
+        jobs += [Job(chunk, stacked and len(chunk) > 1) for chunk in chunks]  # a lone seed trains as plain train
     return jobs
 
 

@@ -29,7 +29,7 @@ def reproduce(out: Path, *args: str, timeout: int = 600) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def tiny_grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("grid")
-    result = reproduce(out, "--experiments", "ME,scan_around_right", "--seeds", "0,1", "--jobs", "2", *TINY)
+    result = reproduce(out, "--experiments", "ME,scan_around_right", "--seeds", "0,1", *TINY)
     assert result.returncode == 0, result.stderr + result.stdout
     return out, result
 
@@ -74,7 +74,7 @@ def test_running_the_same_grid_again_skips_every_run(tiny_grid):
     out, _ = tiny_grid
     checkpoints = sorted(out.glob("*/full/seed*/net_*.pt"))
     before = [p.stat().st_mtime_ns for p in checkpoints]
-    again = reproduce(out, "--experiments", "ME,scan_around_right", "--seeds", "0,1", "--jobs", "2", *TINY)
+    again = reproduce(out, "--experiments", "ME,scan_around_right", "--seeds", "0,1", *TINY)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("[skip]") == 4 and "done (train" not in again.stdout
     assert [p.stat().st_mtime_ns for p in checkpoints] == before
@@ -272,10 +272,13 @@ def test_stacks_are_planned_by_experiment_variant_and_starting_point(tmp_path):
     states[Run("ME", "full", 4)] = RunState("partial", 300)
     states[Run("ME", "no_memory", 0)] = RunState("trained", 10000)
     jobs = [(j.name, j.stacked) for j in plan_jobs(cfg, runs, states)]
-    assert jobs == [("ME/full/seeds0,1", True), ("ME/full/seeds2,3", True), ("ME/full/seed4", True),
+    assert jobs == [("ME/full/seeds0,1", True), ("ME/full/seeds2,3", True), ("ME/full/seed4", False),
                     ("ME/no_memory/seed0", False), ("ME/no_memory/seeds1,2", True), ("ME/no_memory/seeds3,4", True)]
     separate = ReproduceConfig(experiments=("ME",), seeds=(0, 1), separate=True)
     assert [len(j.runs) for j in plan_jobs(separate, runs[:2], states)] == [1, 1]
+    spread = ReproduceConfig(experiments=("ME",), seeds=(0, 1, 2, 3), jobs=2)  # one stack per job slot
+    assert [j.name for j in plan_jobs(spread, runs[:4], {r: RunState("new") for r in runs})] == [
+        "ME/full/seeds0,1", "ME/full/seeds2,3"]
 
 
 def test_threads_per_job_split_the_cores_and_a_lone_job_adapts(tmp_path):
