@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,8 +320,15 @@ def _run_jobs(job: TrainShardJob, tasks: list, workers: int):
     if workers == 1 or len(tasks) == 1:
         yield from map(job, tasks)
         return
-    with multiprocessing.Pool(min(workers, len(tasks))) as pool:  # __exit__ terminates workers on error
+    # Workers ignore SIGINT: Ctrl-C reaches the whole process group, and a worker that dies of it mid-queue can
+    # leave Pool.terminate() waiting on the queue's lock forever. The main process alone stops the pool:
+    # __exit__ terminates the workers on any error, KeyboardInterrupt included.
+    with multiprocessing.Pool(min(workers, len(tasks)), initializer=_ignore_sigint) as pool:
         yield from pool.imap_unordered(job, tasks)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _counts(entries: list[dict]) -> dict:
