@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline import provenance
 from pipeline.errors import UserError
-from pipeline.shardio import check_writable_dir, file_sha256, is_temp_name, write_bytes_atomically
+from pipeline.shardio import check_writable_dir, file_sha256, is_temp_name, swap_dir_in, write_bytes_atomically
 from trainer.metrics import QueryResult
 
 RESULTS_NAME = "results.json"
@@ -133,15 +133,7 @@ def replace_report(out_dir: Path, write_files: Callable[[Path], object]) -> None
         fresh.mkdir(parents=True)
         write_files(fresh)
         check_destination(out_dir)  # again: a file may have appeared there while we decoded
-        if out_dir.exists():
-            os.replace(out_dir, old)
-            try:
-                os.replace(fresh, out_dir)
-            except BaseException:
-                os.replace(old, out_dir)
-                raise
-        else:
-            os.replace(fresh, out_dir)
+        swap_dir_in(fresh, out_dir, old)
     finally:
         shutil.rmtree(fresh, ignore_errors=True)
         if out_dir.exists():  # the new report, or the earlier one put back: `old` is no longer needed

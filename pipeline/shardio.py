@@ -134,3 +134,18 @@ def read_shard(path: Path) -> Iterator[tuple[str, bytes]]:
                 yield member.name, None
                 continue
             yield member.name, tar.extractfile(member).read()
+
+
+def swap_dir_in(fresh: Path, target: Path, old: Path) -> None:
+    """Put the complete directory `fresh` in the place of `target`. An earlier `target` is moved to `old` first
+    and put back if the swap fails or is interrupted, so it goes whole or stays whole; removing `old` after a
+    swap is the caller's."""
+    if not target.exists():
+        os.replace(fresh, target)
+        return
+    os.replace(target, old)
+    try:
+        os.replace(fresh, target)
+    except BaseException:
+        os.replace(old, target)
+        raise

@@ -31,7 +31,7 @@ from pipeline.manifest import (GENERATOR_VERSION, MANIFEST_NAME, comparable_para
                                manifest_sha256, write_manifest)
 from pipeline.records import SHARD_RE, SPLIT_CODES, encode_record, make_record, sample_key, shard_name
 from pipeline.samplers import get_sampler
-from pipeline.shardio import is_temp_name, write_bytes_atomically, write_shard
+from pipeline.shardio import is_temp_name, swap_dir_in, write_bytes_atomically, write_shard
 from pipeline.verify import verify_store
 from pipeline.vocab import build_vocab
 
@@ -218,17 +218,8 @@ def _remove_stale_builds(store: Path) -> None:
 def _swap_in(fresh: Path, store: Path) -> None:
     """Put the complete `fresh` directory in the place of `store`: the earlier store goes whole, and if the
     swap fails or is interrupted, it stays whole."""
-    target = store.resolve()
-    if not target.exists():
-        os.replace(fresh, target)
-        return
     old = _beside(store, "old")
-    os.replace(target, old)
-    try:
-        os.replace(fresh, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
+    swap_dir_in(fresh, store.resolve(), old)
     shutil.rmtree(old, ignore_errors=True)
 
 
