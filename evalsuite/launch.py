@@ -9,6 +9,7 @@ the same job to requeue; the grid being idempotent, the requeued job resumes fro
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -22,10 +23,15 @@ import submitit
 from submitit.core.job_environment import JobEnvironment
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from pipeline.shardio import write_bytes_atomically
 from evalsuite.aggregate import Run
 from evalsuite.reproduce import (ROOT, Grid, Job, ReproduceConfig, RunRecord, check_runs, plan_jobs, report)
 
 POLL_S = {"local": 1.0, "slurm": 15.0}  # how often the waiting `reproduce` looks at the jobs
+SUBMITTED = "submitted.json"  # in the submitit folder: {job name: job id} of every job this grid submitted
+SLURM_LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED",
+                     "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}  # sacct's; a job it no longer knows
+# is taken for ended
 
 
 class GridJob(Checkpointable):
@@ -103,11 +109,57 @@ def make_executor(cfg: ReproduceConfig) -> submitit.AutoExecutor:
 
 
 def submit(cfg: ReproduceConfig, jobs: list[Job]) -> list[submitit.Job]:
-    """The grid's jobs as one job array."""
+    """The grid's jobs as one job array; their ids go to SUBMITTED, for a later `reproduce` of the same grid."""
+    if not jobs:
+        return []
     executor = make_executor(cfg)
     with executor.batch():
         submitted = [executor.submit(GridJob(cfg, job)) for job in jobs]
+    ids = submitted_ids(cfg) | {job.name: handle.job_id for job, handle in zip(jobs, submitted)}
+    write_bytes_atomically(cfg.slurm_path / SUBMITTED, json.dumps(ids, indent=1).encode())
     return submitted
+
+
+def submitted_ids(cfg: ReproduceConfig) -> dict[str, str]:
+    path = cfg.slurm_path / SUBMITTED
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def job_alive(cfg: ReproduceConfig, job_id: str) -> bool:
+    """Whether a job that an earlier `reproduce` submitted is still queued or running. Slurm says so (sacct, through
+    submitit); submitit's local executor names a job by its process id."""
+    if cfg.slurm_cluster == "local":
+        try:  # a live process of that id that runs submitit (not another one that took the id later)
+            alive = b"submitit" in Path(f"/proc/{int(job_id)}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return False
+        return alive and not submitit.LocalJob(cfg.slurm_path, job_id).paths.result_pickle.exists()
+    info = submitit.SlurmJob(cfg.slurm_path, job_id).get_info(mode="force")
+    return info.get("State", "UNKNOWN").split(" ")[0] in SLURM_LIVE_STATES
+
+
+class QueuedJob:
+    """A job of an earlier `reproduce` that still runs: not submitted again, waited for by its id, and read from
+    what its runs wrote when it ends."""
+
+    def __init__(self, cfg: ReproduceConfig, job: Job, job_id: str):
+        self.cfg, self.job, self.job_id = cfg, job, job_id
+
+    def done(self) -> bool:
+        return not job_alive(self.cfg, self.job_id)
+
+    def result(self) -> dict[Run, RunRecord]:
+        records = {run: RunRecord.load(self.cfg, run) for run in self.job.runs}
+        unfinished = [run.name for run, record in records.items() if record.status != "done"]
+        if unfinished:
+            raise RuntimeError(f"it ended with {', '.join(unfinished)} not done")
+        return records
+
+
+def still_queued(cfg: ReproduceConfig, jobs: list[Job]) -> dict[Job, QueuedJob]:
+    ids = submitted_ids(cfg)
+    return {job: QueuedJob(cfg, job, ids[job.name]) for job in jobs
+            if job.name in ids and job_alive(cfg, ids[job.name])}
 
 
 def launch(cfg: ReproduceConfig, jobs: list[Job], say, total: int, done: int) -> bool | None:
@@ -116,22 +168,27 @@ def launch(cfg: ReproduceConfig, jobs: list[Job], say, total: int, done: int) ->
     if not jobs:
         return False
     cfg = replace(cfg, out=str(Path(cfg.out).resolve()))  # the jobs may start anywhere
-    submitted = submit(cfg, jobs)
-    for job, handle in zip(jobs, submitted):
+    queued = still_queued(cfg, jobs)
+    for job, handle in queued.items():
+        say(f"[queued] {job.name}: job {handle.job_id} of an earlier call is still queued or running; "
+            "not submitted again")
+    new = [job for job in jobs if job not in queued]
+    submitted = submit(cfg, new)
+    for job, handle in zip(new, submitted):
         say(f"[submitted] {job.name}: job {handle.job_id}")
     say(f"submitit logs: {cfg.slurm_path}")
     if cfg.no_wait:
         say(f"when the jobs end, run the same command again to aggregate them: {rerun_command()}")
         return None
     try:
-        wait_for(cfg, dict(zip(jobs, submitted)), say, total, done)
+        wait_for(cfg, queued | dict(zip(new, submitted)), say, total, done)
     except KeyboardInterrupt:
         say(f"interrupted: the jobs keep running (scancel stops them); when they end, run {rerun_command()}")
         return True
     return False
 
 
-def wait_for(cfg: ReproduceConfig, pending: dict[Job, submitit.Job], say, total: int, done: int) -> None:
+def wait_for(cfg: ReproduceConfig, pending: dict[Job, submitit.Job | QueuedJob], say, total: int, done: int) -> None:
     while pending:
         for job in [job for job, handle in pending.items() if handle.done()]:
             done = report(cfg, job_records(cfg, job, pending.pop(job)), say, total, done)
@@ -139,7 +196,7 @@ def wait_for(cfg: ReproduceConfig, pending: dict[Job, submitit.Job], say, total:
             time.sleep(POLL_S[cfg.slurm_cluster])
 
 
-def job_records(cfg: ReproduceConfig, job: Job, handle: submitit.Job) -> dict[Run, RunRecord]:
+def job_records(cfg: ReproduceConfig, job: Job, handle: submitit.Job | QueuedJob) -> dict[Run, RunRecord]:
     """What a finished job returned; for a job that died, what its runs wrote and why it ended."""
     try:
         return handle.result()

@@ -86,10 +86,10 @@ def job_processes(folder: Path) -> list[int]:
     return pids
 
 
-def assert_trained_once(run: Run, out: Path) -> None:
-    assert torch.load(run.checkpoint(out), weights_only=True)["episodes_done"] == 800
+def assert_trained_once(run: Run, out: Path, num_episodes: int = 800) -> None:
+    assert torch.load(run.checkpoint(out), weights_only=True)["episodes_done"] == num_episodes
     episodes = [json.loads(line)["episodes"] for line in open(run.dir(out) / "net_ME.metrics.jsonl")]
-    assert episodes == list(range(40, 801, 40))  # increasing: no episode trained twice
+    assert episodes == list(range(40, num_episodes + 1, 40))  # increasing: no episode trained twice
     assert json.loads((run.dir(out) / "run.json").read_text())["status"] == "done"
 
 
@@ -173,3 +173,25 @@ def test_the_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
                  "--constraint=volta32gb", "--qos=low", "--signal=USR2@90", f"--output={tmp_path}/runs/slurm/"):
         assert f"#SBATCH {line}" in script, line
     assert cfg.threads_per_job == 4  # a job's threads: its CPUs
+
+
+def test_a_rerun_while_the_job_runs_does_not_submit_it_again(tmp_path):
+    """The same --no_wait command while its job still runs names the job and submits nothing; the same command
+    without --no_wait then waits for that job and aggregates."""
+    run, longer = Run("ME", "full", 0), [*LONG, "--num_episodes", "4000"]  # still running at the rerun
+    with open(tmp_path / "submit.log", "w+") as log:  # a file, not a pipe: see the test above
+        first = subprocess.run(command(tmp_path, *longer, *SLURM, "--no_wait"), cwd=ROOT, env=environment(),
+                               stdout=log, stderr=subprocess.STDOUT, timeout=300, start_new_session=True)
+    assert first.returncode == 0
+    [job_id] = json.loads((tmp_path / "slurm" / "submitted.json").read_text()).values()
+    wait_for_checkpoint(run, tmp_path)
+    again = reproduce(tmp_path, *longer, *SLURM, "--no_wait")
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert f"[queued] ME/full/seed0: job {job_id} of an earlier call is still queued or running" in again.stdout
+    assert "[submitted]" not in again.stdout
+    assert len(job_processes((tmp_path / "slurm").resolve())) == 1  # the one job, not a second
+    waited = reproduce(tmp_path, *longer, *SLURM)
+    assert waited.returncode == 0, waited.stderr + waited.stdout
+    assert "[submitted]" not in waited.stdout and "[1/1] ME/full/seed0: done (" in waited.stdout
+    assert_trained_once(run, tmp_path, 4000)
+    assert (tmp_path / "results.json").is_file()
