@@ -11,10 +11,13 @@ Where one is absent, what needs it skips, and the skip message names the variabl
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL_VAR, SCAN_VAR = "METASEQ2SEQ_ORIGINAL", "METASEQ2SEQ_SCAN"
+ORIGINAL_MODULES = ("model", "masked_cross_entropy", "generate_episode")  # the original imports these bare names
 
 
 def _location(var: str, default: Path) -> Path:
@@ -52,3 +55,21 @@ def scan_missing(name: str = "") -> str:
     what = f"the official SCAN file {name}" if name else "the official SCAN files"
     return (f"{what} (brendenlake/SCAN) not found in {scan_dir()}: set {SCAN_VAR} to a clone of it "
             "(README, 'Checks against the original code and SCAN')")
+
+
+@contextmanager
+def original_importable(folder: Path | None = None):
+    """The original's folder on sys.path while the block runs (its modules import each other by bare names).
+    Afterwards sys.path and those bare names in sys.modules are as they were, so nothing of it leaks into
+    whatever imports next in the same process (a test session)."""
+    saved_path, saved_modules = list(sys.path), {name: sys.modules.get(name) for name in ORIGINAL_MODULES}
+    sys.path.insert(0, str(folder or original_dir()))
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        for name, module in saved_modules.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module

@@ -18,12 +18,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from references import original_dir, original_missing  # noqa: E402
+from references import original_dir, original_importable, original_missing  # noqa: E402
 
 from pipeline.store import shard_paths, verify_store  # noqa: E402
 from trainer.data import read_records  # noqa: E402
 
-ORIGINAL_MODULES = ("model", "masked_cross_entropy", "generate_episode")
 SEED, N = 3, 40
 
 
@@ -40,18 +39,10 @@ def adapters():
     module names are restored afterwards."""
     if not (original_dir() / "train.py").is_file():
         pytest.skip(original_missing())
-    saved_path, saved_modules = list(sys.path), {n: sys.modules.get(n) for n in ORIGINAL_MODULES}
-    try:
+    with original_importable():  # the scripts put it on sys.path themselves; this takes it off again
         b, c = load_script("me_original_loop_on_our_store"), load_script("me_our_trainer_on_original_episodes")
         original = c.load_original()
         yield b, c, original
-    finally:
-        sys.path[:] = saved_path
-        for name, mod in saved_modules.items():
-            if mod is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = mod
 
 
 def original_draws(original):

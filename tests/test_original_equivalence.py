@@ -40,11 +40,9 @@ from trainer.data import Tokenizer, collate_episodes
 from trainer.model import MetaSeq2Seq, ModelConfig, strip_decoded
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from references import original_dir, original_missing  # noqa: E402
+from references import original_dir, original_importable, original_missing  # noqa: E402
 
 ORIGINAL = original_dir()  # $METASEQ2SEQ_ORIGINAL, else ../shared/original
-# The original's modules import each other by these bare names.
-ORIGINAL_MODULES = ("model", "masked_cross_entropy", "generate_episode")
 
 INPUT_SYMBOLS = ["dax", "lug", "wif", "zup", "fep", "blicket", "kiki"]
 OUTPUT_SYMBOLS = ["RED", "YELLOW", "GREEN", "BLUE", "PURPLE"]
@@ -68,19 +66,10 @@ def original():
     sys.modules again, so nothing leaks into other tests."""
     if not (ORIGINAL / "train.py").is_file():
         pytest.skip(f"{original_missing()}; these tests run it side by side with ours")
-    saved_path, saved_modules = list(sys.path), {n: sys.modules.get(n) for n in ORIGINAL_MODULES}
-    sys.path.insert(0, str(ORIGINAL))
-    try:
+    with original_importable(ORIGINAL):
         spec = importlib.util.spec_from_file_location("original_meta_seq2seq_train", ORIGINAL / "train.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved_path
-        for name, mod in saved_modules.items():
-            if mod is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = mod
     module.USE_CUDA = False  # its tensors go to the GPU when one is visible; keep everything on the CPU
     module.clip = CLIP       # a global of its __main__ block that `train` reads
     return module

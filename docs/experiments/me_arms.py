@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.earlier:
         name, _, values = spec.partition("=")
         arms.setdefault(name, []).extend(earlier_runs(values))
+    for runs in arms.values():  # nothing after the horizon counts
+        for run in runs:
+            run.curve = {ep: acc for ep, acc in run.curve.items() if ep <= args.horizon}
+            run.first_full = run.first_full if run.first_full and run.first_full <= args.horizon else None
     for name, runs in arms.items():
         print("\n".join(describe(name, runs, args.decay, args.horizon)))
     names = list(arms)
