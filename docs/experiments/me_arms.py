@@ -22,6 +22,7 @@ import argparse
 import glob
 import json
 import re
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--earlier", action="append", default=[], help="NAME=EP,EP,never for runs without logs")
     parser.add_argument("--decay", type=int, default=5000)
     parser.add_argument("--horizon", type=int, default=10000, help="the episode 'never' counts as after")
+    parser.add_argument("--at", default="", help="EP,EP,...: also each arm's median validation generalization there")
     parser.add_argument("--pairs", default=None, help="NAME:NAME,... to test (default: every pair)")
     args = parser.parse_intermixed_args(argv)
     arms = {}
@@ -123,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             run.first_full = run.first_full if run.first_full and run.first_full <= args.horizon else None
     for name, runs in arms.items():
         print("\n".join(describe(name, runs, args.decay, args.horizon)))
+        for episode in [int(e) for e in args.at.split(",") if e]:
+            values = [r.at(episode) for r in runs if r.at(episode) is not None]
+            if values:
+                print(f"  at {episode}: median {statistics.median(values):.1f} over {len(values)} runs")
     names = list(arms)
     pairs = ([tuple(p.split(":")) for p in args.pairs.split(",")] if args.pairs else
              [(a, b) for i, a in enumerate(names) for b in names[i + 1:]])

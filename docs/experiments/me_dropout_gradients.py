@@ -1,0 +1,108 @@
+"""Issue 15: with dropout on, is our expected gradient the original's? Same weights, same episode, many draws.
+
+    python docs/experiments/me_dropout_gradients.py [--draws 400] [--emb 200] [--dropout 0.5] [--seed 0]
+
+The loss test (tests/test_original_equivalence.py) compares the loss's mean and spread over dropout draws. This
+compares what training follows: the mean gradient of every parameter over N draws, ours against the original's
+(the original at its default init, its weights copied into ours by the test's mapping). Per parameter tensor it
+prints ||mean_ours - mean_original|| / ||mean_original|| beside the same figure for two independent halves of the
+original's own draws (the noise floor), and the share of entries whose difference is over 4 standard errors.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+for path in (ROOT, ROOT / "benchmarks", ROOT / "tests"):
+    sys.path.insert(0, str(path))
+from references import original_dir, original_importable  # noqa: E402
+import test_original_equivalence as eq  # noqa: E402  (the weight mapping and the episode builders)
+from trainer.data import collate_episodes  # noqa: E402
+from trainer.model import MetaSeq2Seq, ModelConfig  # noqa: E402
+
+
+def load_original():
+    import importlib.util
+    with original_importable():
+        spec = importlib.util.spec_from_file_location("original_train", original_dir() / "train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    module.USE_CUDA, module.clip = False, 1e9  # no clipping: the raw gradients
+    return module
+
+
+def grads_of(params) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in params])
+
+
+def in_our_layout(name: str, grad: torch.Tensor) -> torch.Tensor:
+    """The original's gradient with its vocabulary rows moved to ours (eq.copy_original_weights' mapping)."""
+    out = torch.zeros_like(grad)
+    out[eq.vocab_rows(name)] = grad
+    return out
+
+
+def draws_original(original, encoder, decoder, sample, n: int, names: list[str]) -> torch.Tensor:
+    params = [eq.original_parameters(encoder, decoder)[name] for name in names]
+    out = []
+    for _ in range(n):
+        eq.original_loss(original, encoder, decoder, sample)
+        out.append(torch.cat([in_our_layout(name, p.grad).reshape(-1) for name, p in zip(names, params)]))
+    return torch.stack(out)
+
+
+def draws_ours(model, batch, n: int, names: list[str]) -> torch.Tensor:
+    params, out = [dict(model.named_parameters())[name] for name in names], []
+    model.train()
+    for _ in range(n):
+        model.zero_grad(set_to_none=False)
+        model.loss(batch).backward()
+        out.append(grads_of(params).clone())
+    return torch.stack(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--draws", type=int, default=400)
+    parser.add_argument("--emb", type=int, default=200)
+    parser.add_argument("--dropout", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--masked_attention", action="store_true",
+                        help="our default decoder attention (the original attends over the padded query steps)")
+    args = parser.parse_args()
+    original = load_original()
+    n_in, n_out = len(eq.TOKENIZER.input_vocab), len(eq.TOKENIZER.output_vocab)
+    torch.manual_seed(args.seed)
+    encoder = original.MetaNetRNN(args.emb, n_in, n_out, eq.NLAYERS, args.dropout)
+    decoder = original.AttnDecoderRNN(args.emb, n_out, eq.NLAYERS, args.dropout)
+    model = MetaSeq2Seq(ModelConfig(n_in, n_out, emb_size=args.emb, nlayers=eq.NLAYERS, dropout=args.dropout,
+                                    attend_query_padding=not args.masked_attention))
+    eq.copy_original_weights(encoder, decoder, model)
+    rng = random.Random(args.seed)
+    record = eq.random_episode(rng, 3, 20, in_len=lambda: rng.randint(2, 6))
+    sample = eq.original_sample(original, record)
+    batch = collate_episodes([record], eq.TOKENIZER, support_as_queries=True)
+    names = list(eq.original_parameters(encoder, decoder))
+    sizes = [dict(model.named_parameters())[name].numel() for name in names]
+    theirs = draws_original(original, encoder, decoder, sample, args.draws, names).split(sizes, 1)
+    ours = draws_ours(model, batch, args.draws, names).split(sizes, 1)
+    print(f"{args.draws} draws each, emb {args.emb}, dropout {args.dropout}; per tensor: ||ours - original|| / "
+          "||original|| of the mean gradient, the same for two halves of the original's draws, share over 4 SE")
+    half = args.draws // 2
+    for name, t, o in zip(names, theirs, ours):
+        mean_t, mean_o = t.mean(0), o.mean(0)
+        se = (t.var(0) / len(t) + o.var(0) / len(o)).sqrt().clamp(min=1e-20)
+        rel = ((mean_o - mean_t).norm() / mean_t.norm()).item()
+        floor = ((t[:half].mean(0) - t[half:].mean(0)).norm() / mean_t.norm()).item() / 2 ** 0.5
+        over = ((mean_o - mean_t).abs() > 4 * se).float().mean().item()
+        flag = "  <--" if rel > 3 * floor and over > 0.01 else ""
+        print(f"{name:40s} {rel:8.4f} {floor:8.4f} {over:7.3f}{flag}")
+
+
+if __name__ == "__main__":
+    main()
