@@ -175,8 +175,10 @@ def test_stack_checkpoints_evaluate_resume_and_continue_as_single_runs(me_store,
         b = load_checkpoint(tmp_path / "resumed" / f"seed{seed}" / "net_ME.pt")
         assert a["episodes_done"] == b["episodes_done"] == 40 and a["train_config"]["seed"] == seed
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "resume is exact"
-        assert [r["episodes"] for r in map(json.loads, (tmp_path / "resumed" / f"seed{seed}" /
-                                                        "net_ME.metrics.jsonl").read_text().splitlines())] == [10, 20, 30, 40]
+        rows = [json.loads(line) for line in (tmp_path / "resumed" / f"seed{seed}" / "net_ME.metrics.jsonl")
+                .read_text().splitlines()]
+        assert [r["episodes"] for r in rows] == [10, 20, 30, 40]
+        assert {r["stack_models"] for r in rows} == {2}  # episodes_per_s is the stack's, over its 2 models
     # eval takes a stack's checkpoint unchanged, and scores validation as the stack's own validation did.
     ckpt = tmp_path / "straight" / "seed5" / "net_ME.pt"
     report = run_cli("eval", "--checkpoint", str(ckpt), "--split", "validation", "--out", str(tmp_path / "ev"),

@@ -98,9 +98,11 @@ class RunLog:
         else:
             bar.write(message)  # above the progress bar, which stays at the bottom
 
-    def record_row(self, state: TrainState, rate: float, loss: float, lr: float) -> None:
+    def record_row(self, state: TrainState, rate: float, loss: float, lr: float, stack_models: int = 1) -> None:
+        """A stack's rows give its rate summed over its models, and how many (stack_models)."""
         row = {"episodes": state.episodes_done, "episodes_per_s": round(rate, 2), "loss": loss, "lr": lr,
-               "threads": torch.get_num_threads(), **{f"val_{k}": v for k, v in state.last_val.items()}}
+               "threads": torch.get_num_threads(), **({"stack_models": stack_models} if stack_models > 1 else {}),
+               **{f"val_{k}": v for k, v in state.last_val.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         self._write_scalars(row)

@@ -321,7 +321,7 @@ def record_all(state: TrainState, members: list[Member], losses: list[float], ra
     lr = state.optimizer.param_groups[0]["lr"]
     for member, loss, val in zip(members, losses, scores):
         member.state.episodes_done, member.state.last_val = state.episodes_done, val
-        member.run.record_row(member.state, rate, loss, lr)
+        member.run.record_row(member.state, rate, loss, lr, stack_models=len(members))
     gen = " ".join(f"{m.cfg.seed}:{_fmt(v['generalization'])}" for m, v in zip(members, scores))
     message = (f"episode {state.episodes_done} | {rate:.1f} episodes/s (all models) | loss "
                f"{sum(losses) / len(losses):.4f} (mean) | val generalization by seed {gen}")
