@@ -48,17 +48,16 @@ def six_class_loss(model: MetaSeq2Seq, batch) -> torch.Tensor:
 
 def test_six_classes_is_a_softmax_without_pad():
     script = load_script("me_six_classes")
+    cfg = ModelConfig(len(TOKENIZER.input_vocab), len(TOKENIZER.output_vocab), emb_size=16, nlayers=2, dropout=0.0)
     init = MetaSeq2Seq.__init__
     try:
         script.drop_pad_class()
         torch.manual_seed(0)
-        model = MetaSeq2Seq(ModelConfig(len(TOKENIZER.input_vocab), len(TOKENIZER.output_vocab), emb_size=16,
-                                        nlayers=2, dropout=0.0)).double()
+        model = MetaSeq2Seq(cfg).double()
     finally:
         MetaSeq2Seq.__init__ = init
     torch.manual_seed(0)
-    plain = MetaSeq2Seq(ModelConfig(len(TOKENIZER.input_vocab), len(TOKENIZER.output_vocab), emb_size=16,
-                                    nlayers=2, dropout=0.0)).double()
+    plain = MetaSeq2Seq(cfg).double()
     changed = [name for name, p in model.state_dict().items() if not torch.equal(p, plain.state_dict()[name])]
     assert changed == ["out.bias"]  # the same init draws, one entry moved
     batch = me_batch(1)
