@@ -73,3 +73,25 @@ def original_importable(folder: Path | None = None):
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
+
+
+def load_original_train(folder: Path | None = None, name: str = "original_train", keep_on_path: bool = False):
+    """The original's train.py as a module named `name` (it imports model.py, masked_cross_entropy.py and
+    generate_episode.py by their bare names). By default its folder is on sys.path only while it loads, as in
+    original_importable; keep_on_path leaves it there, for a script that goes on to run the original's code."""
+    folder = folder or original_dir()
+    if not (folder / "train.py").is_file():
+        raise FileNotFoundError(original_missing(folder))
+    if keep_on_path:
+        sys.path.insert(0, str(folder))
+        return _exec_module(name, folder / "train.py")
+    with original_importable(folder):
+        return _exec_module(name, folder / "train.py")
+
+
+def _exec_module(name: str, path: Path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -25,7 +25,6 @@ time.
 """
 from __future__ import annotations
 
-import importlib.util
 import random
 import sys
 import warnings
@@ -40,7 +39,7 @@ from trainer.data import Tokenizer, collate_episodes
 from trainer.model import MetaSeq2Seq, ModelConfig, strip_decoded
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from references import original_dir, original_importable, original_missing  # noqa: E402
+from references import load_original_train, original_dir, original_missing  # noqa: E402
 
 ORIGINAL = original_dir()  # $METASEQ2SEQ_ORIGINAL, else ../shared/original
 
@@ -66,10 +65,7 @@ def original():
     sys.modules again, so nothing leaks into other tests."""
     if not (ORIGINAL / "train.py").is_file():
         pytest.skip(f"{original_missing()}; these tests run it side by side with ours")
-    with original_importable(ORIGINAL):
-        spec = importlib.util.spec_from_file_location("original_meta_seq2seq_train", ORIGINAL / "train.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    module = load_original_train(ORIGINAL, "original_meta_seq2seq_train")
     module.USE_CUDA = False  # its tensors go to the GPU when one is visible; keep everything on the CPU
     module.clip = CLIP       # a global of its __main__ block that `train` reads
     return module

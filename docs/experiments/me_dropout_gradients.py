@@ -20,18 +20,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 for path in (ROOT, ROOT / "benchmarks", ROOT / "tests"):
     sys.path.insert(0, str(path))
-from references import original_dir, original_importable  # noqa: E402
+from references import load_original_train  # noqa: E402
 import test_original_equivalence as eq  # noqa: E402  (the weight mapping and the episode builders)
 from trainer.data import collate_episodes  # noqa: E402
 from trainer.model import MetaSeq2Seq, ModelConfig  # noqa: E402
 
 
 def load_original():
-    import importlib.util
-    with original_importable():
-        spec = importlib.util.spec_from_file_location("original_train", original_dir() / "train.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    module = load_original_train()
     module.USE_CUDA, module.clip = False, 1e9  # no clipping: the raw gradients
     return module
 

@@ -28,7 +28,6 @@ converted the same way (the original builds its own 5 with generate_episode_test
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import random
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from pipeline.manifest import load_manifest  # noqa: E402
 from pipeline.store import shard_paths  # noqa: E402
 from pipeline.vocab import SPECIAL_TOKENS  # noqa: E402
-from references import original_dir  # noqa: E402  ($METASEQ2SEQ_ORIGINAL, else ../shared/original)
+from references import load_original_train, original_dir  # noqa: E402  ($METASEQ2SEQ_ORIGINAL, else ../shared/original)
 
 # The original's defaults (its argparse and the constants of its __main__ block).
 NUM_EPISODES_VAL, CLIP, MAX_TRY_NOVEL = 5, 50.0, 100
@@ -53,11 +52,8 @@ def load_original(folder: Path):
     generate_episode.py by their bare names), with the globals its __main__ block would set."""
     if not (folder / "train.py").is_file():
         sys.exit(f"the original code is not at {folder}: set METASEQ2SEQ_ORIGINAL to its folder")
-    sys.path.insert(0, str(folder))
     os.chdir(folder)  # it reads data/ relative to its own folder
-    spec = importlib.util.spec_from_file_location("original_train", folder / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_original_train(folder, keep_on_path=True)
     module.clip, module.max_try_novel, module.use_resconstruct_loss = CLIP, MAX_TRY_NOVEL, True
     return module
 

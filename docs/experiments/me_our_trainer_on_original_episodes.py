@@ -30,7 +30,6 @@ as the issue planned).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import sys
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from pipeline import samplers, store, verify  # noqa: E402
-from references import original_dir  # noqa: E402  ($METASEQ2SEQ_ORIGINAL, else ../shared/original)
+from references import load_original_train  # noqa: E402  ($METASEQ2SEQ_ORIGINAL, else ../shared/original)
 
 NUM_EPISODES_VAL, MAX_TRY_NOVEL = 5, 100  # the constants of the original's __main__ block
 EPISODES_FROM = ("the original's generate_ME (random.seed(SEED)); "
@@ -50,13 +49,7 @@ EPISODES_FROM = ("the original's generate_ME (random.seed(SEED)); "
 def load_original(folder: Path | None = None):
     """The original's train.py as a module, with the globals its __main__ block would set (generate_ME reads
     them). Its folder goes on sys.path (it imports its modules by bare names); no chdir: ME reads no data."""
-    folder = folder or original_dir()
-    if not (folder / "train.py").is_file():
-        raise FileNotFoundError(f"the original code is not at {folder}: set METASEQ2SEQ_ORIGINAL to its folder")
-    sys.path.insert(0, str(folder))
-    spec = importlib.util.spec_from_file_location("original_train", folder / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_original_train(folder, keep_on_path=True)  # FileNotFoundError where it is absent
     module.max_try_novel, module.use_resconstruct_loss = MAX_TRY_NOVEL, False  # see the module docstring
     module.USE_CUDA = False  # build_sample's tensors stay on the CPU; only the lists are used
     return module
