@@ -67,3 +67,28 @@ def test_six_classes_is_a_softmax_without_pad():
     loss.backward()
     assert model.out.weight.grad[PAD_ID].abs().max() == 0 and model.out.bias.grad[PAD_ID] == 0
     assert model.out.weight.grad.abs().sum() > 0
+
+
+def test_gradient_norms_are_each_models_norm_before_the_clip(capsys):
+    from test_model import V_IN, V_OUT, batch_of, random_episodes
+    import trainer.train_stack as train_stack
+    from trainer.stacked import StackedMetaSeq2Seq
+    script, clip = load_script("me_gradient_norms"), train_stack.clip_grad_norms_
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(MetaSeq2Seq(ModelConfig(V_IN, V_OUT, emb_size=16, dropout=0.0)).double())
+    episodes = random_episodes(2, ((3, 4), (2, 5)))
+    try:
+        norms = script.record_norms(every=1, clip=0.5)
+        stack = StackedMetaSeq2Seq(models)
+        stack.loss(batch_of(episodes)).sum().backward()
+        train_stack.clip_grad_norms_(stack, 0.5)
+    finally:
+        train_stack.clip_grad_norms_ = clip
+    for m, model in enumerate(models):  # each model alone, on its own episode: the norm the clip saw
+        model.loss(batch_of(episodes[m:m + 1])).backward()
+        torch.testing.assert_close(norms[0][m], torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9),
+                                   rtol=1e-6, atol=0)
+    over = int((norms[0] > 0.5).sum())
+    assert f"over 0.5: {over}" in capsys.readouterr().out
