@@ -116,6 +116,7 @@ def setting(name: str, *decls: str, **kwargs):
 @setting("disable_attention", is_flag=True)
 @setting("disable_recon_loss", is_flag=True)
 @setting("attend_query_padding", is_flag=True)
+@setting("pad_in_softmax", is_flag=True)
 @setting("reset_adam_at_decay", is_flag=True)
 @setting("workers", type=int)
 @setting("device", metavar="auto|cpu|cuda|cuda:N")

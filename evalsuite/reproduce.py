@@ -79,6 +79,7 @@ class ReproduceConfig:
     val_every: int | None = None
     checkpoint_every: int | None = None
     attend_query_padding: bool = False
+    pad_in_softmax: bool = False
     reset_adam_at_decay: bool = False
     num_val_episodes: int = episode_store.GenerateConfig.num_val_episodes
     stack_size: int = 16               # most seeds trained in one stack

@@ -1,10 +1,11 @@
-"""The single-factor switches of docs/experiments/ (issue 15), against a computation written out by hand."""
+"""The switches of issue 15 (docs/experiments/ and the model's softmax), against computations written out by hand."""
 from __future__ import annotations
 
 import importlib.util
 import random
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +18,7 @@ WORDS, COLOURS = ["dax", "lug", "wif", "zup"], ["RED", "YELLOW", "GREEN", "BLUE"
 TOKENIZER = Tokenizer(tuple(build_vocab(WORDS)), tuple(build_vocab(COLOURS)))
 
 
-def load_script(name: str):
+def load_script(name: str):  # a script of docs/experiments/
     spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -46,27 +47,28 @@ def six_class_loss(model: MetaSeq2Seq, batch) -> torch.Tensor:
     return token[valid].mean()
 
 
-def test_six_classes_is_a_softmax_without_pad():
-    script = load_script("me_six_classes")
-    cfg = ModelConfig(len(TOKENIZER.input_vocab), len(TOKENIZER.output_vocab), emb_size=16, nlayers=2, dropout=0.0)
-    init = MetaSeq2Seq.__init__
-    try:
-        script.drop_pad_class()
-        torch.manual_seed(0)
-        model = MetaSeq2Seq(cfg).double()
-    finally:
-        MetaSeq2Seq.__init__ = init
+def test_default_softmax_is_the_originals_six_classes():
+    """Issue 15: our default decoder has no <pad> class (the original's Lang has none); pad_in_softmax keeps it."""
+    cfg = dict(input_vocab_size=len(TOKENIZER.input_vocab), output_vocab_size=len(TOKENIZER.output_vocab),
+               emb_size=16, nlayers=2, dropout=0.0)
     torch.manual_seed(0)
-    plain = MetaSeq2Seq(cfg).double()
-    changed = [name for name, p in model.state_dict().items() if not torch.equal(p, plain.state_dict()[name])]
-    assert changed == ["out.bias"]  # the same init draws, one entry moved
+    model = MetaSeq2Seq(ModelConfig(**cfg)).double()
+    torch.manual_seed(0)
+    with_pad = MetaSeq2Seq(ModelConfig(**cfg, pad_in_softmax=True)).double()
     batch = me_batch(1)
     loss = model.loss(batch)
     torch.testing.assert_close(loss.double(), six_class_loss(model, batch), rtol=1e-6, atol=0)  # loss(): fp32
-    assert not torch.isclose(plain.loss(batch).double(), six_class_loss(plain, batch), rtol=1e-4)  # the check can fail: <pad> counts
+    assert not torch.isclose(with_pad.loss(batch).double(), six_class_loss(with_pad, batch), rtol=1e-4)  # <pad> counts
     loss.backward()
     assert model.out.weight.grad[PAD_ID].abs().max() == 0 and model.out.bias.grad[PAD_ID] == 0
     assert model.out.weight.grad.abs().sum() > 0
+    assert (model.greedy_decode(batch, 8).tokens[..., 0] != PAD_ID).all()  # never decoded
+
+
+def test_checkpoints_from_before_the_setting_keep_pad_in_their_softmax():
+    config = ModelConfig(len(TOKENIZER.input_vocab), len(TOKENIZER.output_vocab)).to_dict()
+    del config["pad_in_softmax"]
+    assert ModelConfig.from_dict(config).pad_in_softmax
 
 
 def test_gradient_norms_are_each_models_norm_before_the_clip(capsys):
@@ -92,3 +94,59 @@ def test_gradient_norms_are_each_models_norm_before_the_clip(capsys):
                                    rtol=1e-6, atol=0)
     over = int((norms[0] > 0.5).sum())
     assert f"over 0.5: {over}" in capsys.readouterr().out
+
+
+def test_adopted_six_class_runs_train_as_todays_default(tmp_path):
+    """Arm F's checkpoints (<pad> bias -1e4, no pad_in_softmax key) are today's default in effect: once adopted
+    they load without <pad> in the softmax, with the same loss and gradients as the switch gave."""
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    script = load_script("me_adopt_six_class_runs")
+    cfg = ModelConfig(len(TOKENIZER.input_vocab), len(TOKENIZER.output_vocab), emb_size=16, dropout=0.0,
+                      pad_in_softmax=True)
+    torch.manual_seed(0)
+    switched = MetaSeq2Seq(cfg)
+    with torch.no_grad():
+        switched.out.bias[PAD_ID] = -1e4
+    legacy = {k: v for k, v in cfg.to_dict().items() if k != "pad_in_softmax"}
+    path = tmp_path / "net_ME.pt"
+    save_checkpoint(path, {"model_config": legacy, "train_config": {"seed": 0}, "model": switched.state_dict()})
+    assert ModelConfig.from_dict(load_checkpoint(path)["model_config"]).pad_in_softmax  # before: the old default
+    script.adopt(path)
+    ckpt = load_checkpoint(path)
+    assert ckpt["train_config"] == {"seed": 0, "pad_in_softmax": False}
+    adopted = MetaSeq2Seq(ModelConfig.from_dict(ckpt["model_config"]))
+    adopted.load_state_dict(ckpt["model"])
+    assert not adopted.cfg.pad_in_softmax
+    batch = me_batch(2)
+    switched.loss(batch).backward()
+    adopted.loss(batch).backward()
+    torch.testing.assert_close(adopted.loss(batch), switched.loss(batch), rtol=0, atol=0)
+    for (name, a), b in zip(adopted.named_parameters(), switched.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
+    torch.manual_seed(0)
+    save_checkpoint(path, {"model_config": legacy, "train_config": {}, "model": MetaSeq2Seq(cfg).state_dict()})
+    with pytest.raises(SystemExit, match="not an arm F run"):
+        script.adopt(path)
+
+
+def test_one_fused_adam_makes_the_originals_two_adams_update():
+    """The original steps two Adams (its encoder's and its decoder's, not fused); ours steps one fused Adam over
+    the whole model. Adam is element-wise, so over many steps the weights agree to float32 rounding."""
+    torch.manual_seed(0)
+    ours = MetaSeq2Seq(ModelConfig(len(TOKENIZER.input_vocab), len(TOKENIZER.output_vocab), emb_size=16))
+    theirs = [p.detach().clone().requires_grad_() for p in ours.parameters()]
+    initial = [p.detach().clone() for p in theirs]
+    half = len(theirs) // 2  # any split into two groups: each parameter has its own moments
+    fused = torch.optim.Adam(ours.parameters(), lr=1e-3, fused=True)
+    two = [torch.optim.Adam(theirs[:half], lr=1e-3, foreach=False), torch.optim.Adam(theirs[half:], lr=1e-3, foreach=False)]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        for p, q in zip(ours.parameters(), theirs):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        fused.step()
+        for optimizer in two:
+            optimizer.step()
+    for p, q in zip(ours.parameters(), theirs):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    assert all((q.detach() - p0).abs().max() > 0.01 for q, p0 in zip(theirs, initial))  # 50 steps of lr 1e-3 moved every weight

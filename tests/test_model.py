@@ -26,6 +26,7 @@ CONFIGS = {
     "no_attention": {"disable_attention": True},
     "no_memory_no_attention": {"disable_memory": True, "disable_attention": True},
     "attend_query_padding": {"attend_query_padding": True},
+    "pad_in_softmax": {"pad_in_softmax": True},  # <pad> as a class: this project's models before issue 15
 }
 # The references that decode each query alone have no other queries to pad to: they stand for the masked model.
 # attend_query_padding is checked against the original code instead (test_original_equivalence.py).
@@ -82,10 +83,14 @@ def test_config_round_trip_and_validation():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert ModelConfig(5, 6).to_dict() == {"input_vocab_size": 5, "output_vocab_size": 6, "emb_size": 200,
                                            "nlayers": 2, "dropout": 0.5, "disable_memory": False,
-                                           "disable_attention": False, "attend_query_padding": False}
+                                           "disable_attention": False, "attend_query_padding": False,
+                                           "pad_in_softmax": False}
     # A checkpoint written before attend_query_padding existed loads with it off (its behaviour then).
     older = {k: v for k, v in cfg.to_dict().items() if k != "attend_query_padding"}
     assert ModelConfig.from_dict(older) == cfg
+    # One written before pad_in_softmax existed had <pad> in its softmax.
+    older = {k: v for k, v in cfg.to_dict().items() if k != "pad_in_softmax"}
+    assert ModelConfig.from_dict(older) == ModelConfig(**{**cfg.to_dict(), "pad_in_softmax": True})
     with pytest.raises(ValueError, match="unknown"):
         ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(ValueError):
@@ -151,8 +156,23 @@ def reference_logits(model: MetaSeq2Seq, support, query) -> list[torch.Tensor]:
         if not cfg.disable_attention:
             ctx = torch.softmax(h @ context.T / E ** 0.5, -1) @ context
             h = torch.tanh(model.attn_combine(torch.cat([h, ctx], -1)))
-        result.append(model.out(h))
+        result.append(reference_output_layer(model, h))
     return result
+
+
+def reference_output_layer(model: MetaSeq2Seq, h: torch.Tensor) -> torch.Tensor:
+    """The output layer as the softmax sees it: without pad_in_softmax, <pad> is not a class (its logit -inf)."""
+    logits = model.out(h)
+    if model.cfg.pad_in_softmax:
+        return logits
+    is_pad = torch.arange(logits.shape[-1]) == PAD_ID
+    return torch.where(is_pad, torch.full_like(logits, float("-inf")), logits)
+
+
+def reference_token_loss(model: MetaSeq2Seq, h: torch.Tensor, target: int) -> torch.Tensor:
+    """-log p(target) from a softmax over the classes alone: every output id, or every one but <pad>."""
+    classes = [c for c in range(model.cfg.output_vocab_size) if model.cfg.pad_in_softmax or c != PAD_ID]
+    return -F.log_softmax(model.out(h)[classes], -1)[classes.index(target)]
 
 
 @pytest.mark.parametrize("name", MASKED_CONFIGS)
@@ -350,7 +370,7 @@ def stepwise_loss(model: MetaSeq2Seq, episodes) -> torch.Tensor:
                 if not cfg.disable_attention:
                     ctx = torch.softmax(context @ h / E ** 0.5, 0) @ context
                     h = torch.tanh(model.attn_combine(torch.cat([h, ctx])))
-                token_losses.append(F.cross_entropy(model.out(h), torch.tensor(target)))
+                token_losses.append(reference_token_loss(model, h, target))
         per_episode.append(torch.stack(token_losses).mean())
     return torch.stack(per_episode).mean()
 

@@ -21,7 +21,7 @@ PAPER_LR, BATCHED_LR = 1e-3, 2e-3
 PAPER_BATCH_SIZE = 1
 DEFAULT_EPISODE_TYPE = "ME"      # when neither --episode_type nor --store is given
 # What a checkpoint written before a setting existed was trained with.
-LEGACY_SETTINGS = {"attend_query_padding": False, "reset_adam_at_decay": False}
+LEGACY_SETTINGS = {"attend_query_padding": False, "reset_adam_at_decay": False, "pad_in_softmax": True}
 
 
 def default_batch_size(episode_type: str) -> int:
@@ -70,6 +70,11 @@ class TrainConfig:
     attend_query_padding: bool = setting(
         False, "As the original code: the decoder attention also covers the padded steps of an episode's shorter "
                "queries (default: masked, as docs/method.md says).", **SAME_RUN, grid=True)
+    # Off, as in the original: its output language has no padding symbol, so its decoder's softmax runs over the
+    # output symbols, <sos> and <eos> only (6 classes on ME). Ours kept <pad> as a 7th class until issue 15.
+    pad_in_softmax: bool = setting(
+        False, "As this project's models before issue 15: <pad> is one of the decoder's output classes (the "
+               "original has no such class; default: no <pad> in the softmax).", **SAME_RUN, grid=True)
     reset_adam_at_decay: bool = setting(
         False, "As the original code: each lr decay starts Adam afresh (its moment estimates are reset).",
         **SAME_RUN, grid=True)

@@ -42,6 +42,9 @@ class ModelConfig:
     # (up to the episode's longest query), where c_t = tanh(W [0; mean of the support values] + b): with this
     # on, ours does the same per episode, whatever else shares the batch. Off: padding masked (docs/method.md).
     attend_query_padding: bool = False
+    # The original's decoder has no <pad> class: off, the <pad> logit is -inf (probability 0, no gradient, never
+    # decoded), so the softmax runs over the original's classes. On: <pad> is a class, as in our models before.
+    pad_in_softmax: bool = False
 
     def __post_init__(self):
         if min(self.input_vocab_size, self.output_vocab_size) < NUM_SPECIAL_TOKENS:
@@ -60,7 +63,7 @@ class ModelConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{"pad_in_softmax": True, **d})  # a checkpoint from before the key had <pad> in its softmax
 
 
 @dataclass
@@ -164,6 +167,15 @@ def _token_weights(target_lengths: torch.Tensor) -> torch.Tensor:
     return weights.reshape(-1).float()
 
 
+def output_mask(cfg: ModelConfig) -> torch.Tensor | None:
+    """(V_out,) added to the output layer's logits: -inf at <pad> unless pad_in_softmax (then None)."""
+    if cfg.pad_in_softmax:
+        return None
+    mask = torch.zeros(cfg.output_vocab_size)
+    mask[PAD_ID] = float("-inf")
+    return mask
+
+
 def _right_pad(tokens: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(tokens, (0, length - tokens.shape[-1]), value=PAD_ID)
 
@@ -184,6 +196,8 @@ class MetaSeq2Seq(nn.Module):
         if not cfg.disable_attention:
             self.attn_combine = nn.Linear(2 * E, E)            # tanh(W [h_t; ctx_t])
         self.out = nn.Linear(E, cfg.output_vocab_size)
+        # Not in the state dict: it follows from the config, so checkpoints keep today's format.
+        self.register_buffer("output_mask", output_mask(cfg), persistent=False)
 
     # ---- encoder -------------------------------------------------------------------------------------
 
@@ -248,9 +262,14 @@ class MetaSeq2Seq(nn.Module):
         embedded = self.dec_dropout(self.dec_embedding(dec_in))            # (R, T, E)
         h, state = self.dec_lstm(embedded, state)                           # (R, T, E)
         if self.cfg.disable_attention:
-            return self.out(h), state, None
+            return self.logits(h), state, None
         ctx, attn = masked_attention(h, context, context, context_mask)     # (R, T, E), (R, T, Tqi)
-        return self.out(self._combine(h, ctx)), state, attn
+        return self.logits(self._combine(h, ctx)), state, attn
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output layer: (..., E) -> (..., V_out)."""
+        logits = self.out(h)
+        return logits if self.output_mask is None else logits + self.output_mask
 
     def _combine(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.attn_combine(torch.cat([h, ctx], -1)))     # tanh(W [h_t; ctx_t])
@@ -274,7 +293,7 @@ class MetaSeq2Seq(nn.Module):
         if not self.cfg.disable_attention:
             ctx, _ = masked_attention(packing.unpack(h), enc.context, enc.context, enc.context_mask)
             h = self._combine(h, packing.pack(ctx))                        # (total, E)
-        return self.out(h), packing, lengths
+        return self.logits(h), packing, lengths
 
     # ---- public API ----------------------------------------------------------------------------------
 
@@ -292,7 +311,9 @@ class MetaSeq2Seq(nn.Module):
         B, nq, Tqo = batch.query_out.shape
         logits, packing, lengths = self._teacher_forced(batch)             # (total, V)
         targets = packing.pack(batch.query_out.reshape(B * nq, Tqo))        # (total,)
-        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+        # A padded query still has one packed step, whose target is <pad> and weight 0; ignore_index keeps its
+        # loss at 0 rather than inf (<pad> has probability 0 without pad_in_softmax), which 0 * inf would make NaN.
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=PAD_ID)
         weights = _token_weights(lengths.query_out.view(B, nq)).to(logits.device, non_blocking=True)
         return (token_loss * weights[packing.token_rows]).sum()
 

@@ -29,7 +29,7 @@ from torch import nn
 from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID
 from trainer.batch import EpisodeBatch
 from trainer.lstm import cell_update_
-from trainer.model import DecodeResult, MetaSeq2Seq, ModelConfig, masked_attention
+from trainer.model import DecodeResult, MetaSeq2Seq, ModelConfig, masked_attention, output_mask
 
 
 # ---- packing ------------------------------------------------------------------------------------------------
@@ -275,6 +275,7 @@ class StackedMetaSeq2Seq(nn.Module):
         self.weights = nn.ParameterList(
             nn.Parameter(torch.stack([s[name].detach() for s in singles])) for name in self.names)
         self.index = {name: k for k, name in enumerate(self.names)}
+        self.register_buffer("output_mask", output_mask(self.cfg), persistent=False)  # as MetaSeq2Seq's
         self.generators: list[torch.Generator] | None = None
 
     @property
@@ -398,9 +399,9 @@ class StackedMetaSeq2Seq(nn.Module):
             steps = packing.unpack(h).reshape(M * B * nq, Tqo, -1)
             ctx, _ = masked_attention(steps, enc.context, enc.context, enc.context_mask)
             h = self._combine("attn_combine", h, packing.pack(ctx.view(M, B * nq, Tqo, -1)))
-        logits = _linear(h, self.w("out.weight"), self.w("out.bias"))        # (M, S, V)
-        token_loss = F.cross_entropy(logits.float().flatten(0, 1), packing.pack(targets).flatten(),
-                                     reduction="none").view(M, -1)
+        logits = self._logits(h)                                             # (M, S, V)
+        token_loss = F.cross_entropy(logits.float().flatten(0, 1), packing.pack(targets).flatten(),  # as model.loss
+                                     reduction="none", ignore_index=PAD_ID).view(M, -1)
         return (token_loss * self._token_weights(batch, packing)).sum(1)
 
     def _token_weights(self, batch: EpisodeBatch, packing: StackedPacking) -> torch.Tensor:
@@ -458,7 +459,11 @@ class StackedMetaSeq2Seq(nn.Module):
             M, R, E = x.shape
             ctx, _ = masked_attention(x.reshape(M * R, 1, E), enc.context, enc.context, enc.context_mask)
             x = self._combine("attn_combine", x, ctx.view(M, R, E))
-        return _linear(x, self.w("out.weight"), self.w("out.bias")), new_state
+        return self._logits(x), new_state
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = _linear(h, self.w("out.weight"), self.w("out.bias"))
+        return logits if self.output_mask is None else logits + self.output_mask
 
 
 def stack_models(models: list[MetaSeq2Seq]) -> StackedMetaSeq2Seq:

@@ -22,7 +22,7 @@ def model_config(cfg: TrainConfig, manifest: dict) -> ModelConfig:
     return ModelConfig(input_vocab_size=len(manifest["input_vocab"]), output_vocab_size=len(manifest["output_vocab"]),
                        emb_size=cfg.emb_size, nlayers=cfg.nlayers, dropout=cfg.dropout,
                        disable_memory=cfg.disable_memory, disable_attention=cfg.disable_attention,
-                       attend_query_padding=cfg.attend_query_padding)
+                       attend_query_padding=cfg.attend_query_padding, pad_in_softmax=cfg.pad_in_softmax)
 
 
 class LossWrapper(torch.nn.Module):

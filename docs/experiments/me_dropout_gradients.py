@@ -72,11 +72,11 @@ def main() -> None:
                         help="our default decoder attention (the original attends over the padded query steps)")
     args = parser.parse_args()
     original = load_original()
-    n_in, n_out = len(eq.TOKENIZER.input_vocab), len(eq.TOKENIZER.output_vocab)
+    n_in, n_out = eq.original_sizes()  # the original's Lang has no <pad>; ours masks it out of the softmax
     torch.manual_seed(args.seed)
     encoder = original.MetaNetRNN(args.emb, n_in, n_out, eq.NLAYERS, args.dropout)
     decoder = original.AttnDecoderRNN(args.emb, n_out, eq.NLAYERS, args.dropout)
-    model = MetaSeq2Seq(ModelConfig(n_in, n_out, emb_size=args.emb, nlayers=eq.NLAYERS, dropout=args.dropout,
+    model = MetaSeq2Seq(ModelConfig(n_in + 1, n_out + 1, emb_size=args.emb, nlayers=eq.NLAYERS, dropout=args.dropout,
                                     attend_query_padding=not args.masked_attention))
     eq.copy_original_weights(encoder, decoder, model)
     rng = random.Random(args.seed)
