@@ -36,19 +36,21 @@ def grads_of(params) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in params])
 
 
-def in_our_layout(name: str, grad: torch.Tensor) -> torch.Tensor:
-    """The original's gradient with its vocabulary rows moved to ours (eq.copy_original_weights' mapping)."""
-    out = torch.zeros_like(grad)
+def in_our_layout(name: str, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The original's gradient in our parameter's shape, its vocabulary rows moved to ours (eq.copy_original_weights'
+    mapping); our <pad> rows, which the original has not, stay 0 (as ours are: <pad> is not a class)."""
+    out = grad.new_zeros(shape)
     out[eq.vocab_rows(name)] = grad
     return out
 
 
-def draws_original(original, encoder, decoder, sample, n: int, names: list[str]) -> torch.Tensor:
+def draws_original(original, encoder, decoder, sample, n: int, names: list[str], shapes: list) -> torch.Tensor:
     params = [eq.original_parameters(encoder, decoder)[name] for name in names]
     out = []
     for _ in range(n):
         eq.original_loss(original, encoder, decoder, sample)
-        out.append(torch.cat([in_our_layout(name, p.grad).reshape(-1) for name, p in zip(names, params)]))
+        out.append(torch.cat([in_our_layout(name, p.grad, shape).reshape(-1)
+                              for name, p, shape in zip(names, params, shapes)]))
     return torch.stack(out)
 
 
@@ -70,6 +72,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--masked_attention", action="store_true",
                         help="our default decoder attention (the original attends over the padded query steps)")
+    parser.add_argument("--pad_in_softmax", action="store_true",
+                        help="ours with <pad> as a class, as before issue 15 (the original has none)")
     args = parser.parse_args()
     original = load_original()
     n_in, n_out = eq.original_sizes()  # the original's Lang has no <pad>; ours masks it out of the softmax
@@ -77,15 +81,17 @@ def main() -> None:
     encoder = original.MetaNetRNN(args.emb, n_in, n_out, eq.NLAYERS, args.dropout)
     decoder = original.AttnDecoderRNN(args.emb, n_out, eq.NLAYERS, args.dropout)
     model = MetaSeq2Seq(ModelConfig(n_in + 1, n_out + 1, emb_size=args.emb, nlayers=eq.NLAYERS, dropout=args.dropout,
-                                    attend_query_padding=not args.masked_attention))
+                                    attend_query_padding=not args.masked_attention,
+                                    pad_in_softmax=args.pad_in_softmax))
     eq.copy_original_weights(encoder, decoder, model)
     rng = random.Random(args.seed)
     record = eq.random_episode(rng, 3, 20, in_len=lambda: rng.randint(2, 6))
     sample = eq.original_sample(original, record)
     batch = collate_episodes([record], eq.TOKENIZER, support_as_queries=True)
     names = list(eq.original_parameters(encoder, decoder))
-    sizes = [dict(model.named_parameters())[name].numel() for name in names]
-    theirs = draws_original(original, encoder, decoder, sample, args.draws, names).split(sizes, 1)
+    shapes = [dict(model.named_parameters())[name].shape for name in names]
+    sizes = [shape.numel() for shape in shapes]
+    theirs = draws_original(original, encoder, decoder, sample, args.draws, names, shapes).split(sizes, 1)
     ours = draws_ours(model, batch, args.draws, names).split(sizes, 1)
     print(f"{args.draws} draws each, emb {args.emb}, dropout {args.dropout}; per tensor: ||ours - original|| / "
           "||original|| of the mean gradient, the same for two halves of the original's draws, share over 4 SE")
