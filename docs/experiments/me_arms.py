@@ -4,6 +4,7 @@
         A='docs/experiments/logs/original_ME_run*.log' B='runs/cross/B/seed*.log' \\
         C='runs/cross/C/seed*/net_ME.metrics.jsonl' D='runs/ME/full/seed*/net_ME.metrics.jsonl' \\
         [--earlier A=3600,4400,never] [--decay 5000] [--horizon 10000] [--pairs A:D,B:D,C:D]
+        [--at 2000,5000,10000 [--table]]
 
 Each arm is a glob of run logs, in either form:
   the original's log lines, "... (EPISODE NN% finished) ... ValAccGeneralize: X" (arm A, and arm B's adapter);
@@ -101,6 +102,17 @@ def describe(arm: str, runs: list[Run], decay: int, horizon: int) -> list[str]:
     return lines
 
 
+def seed_table(runs: list[Run], episodes: list[int]) -> list[str]:
+    """A markdown table: a column per run (its seed, from the path), a row per episode of --at, then first 100%."""
+    seeds = [(re.findall(r"seed(\d+)", r.name) or [str(i)])[-1] for i, r in enumerate(runs)]
+    cell = lambda v: "-" if v is None else ("**100**" if v >= 100 else f"{v:.0f}")  # noqa: E731
+    lines = ["| seed | " + " | ".join(seeds) + " |", "|---|" + "---|" * len(runs)]
+    lines += [f"| {ep:,} | " + " | ".join(cell(r.at(ep)) for r in runs) + " |" for ep in episodes]
+    firsts = [r.first_100() for r in runs]
+    lines.append("| first 100% | " + " | ".join("never" if f is None else f"{f:,}" for f in firsts) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("arms", nargs="+", help="NAME=GLOB of run logs")
@@ -109,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--horizon", type=int, default=10000, help="the episode 'never' counts as after")
     parser.add_argument("--at", default="", help="EP,EP,...: also each arm's median validation generalization there")
     parser.add_argument("--pairs", default=None, help="NAME:NAME,... to test (default: every pair)")
+    parser.add_argument("--table", action="store_true", help="also each arm's runs as a markdown table at --at")
     args = parser.parse_intermixed_args(argv)
     arms = {}
     for spec in args.arms:
@@ -129,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             values = [r.at(episode) for r in runs if r.at(episode) is not None]
             if values:
                 print(f"  at {episode}: median {statistics.median(values):.1f} over {len(values)} runs")
+        if args.table:
+            print("\n".join(seed_table(runs, [int(e) for e in args.at.split(",") if e])))
     names = list(arms)
     pairs = ([tuple(p.split(":")) for p in args.pairs.split(",")] if args.pairs else
              [(a, b) for i, a in enumerate(names) for b in names[i + 1:]])
