@@ -24,6 +24,7 @@ from torch import nn
 
 from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID
 from trainer.batch import EpisodeBatch
+from trainer.config import LEGACY_SETTINGS
 from trainer.lstm import Dropout, Packing, packed_lstm
 
 NUM_SPECIAL_TOKENS = 3  # PAD, SOS, EOS head every vocabulary
@@ -63,7 +64,9 @@ class ModelConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**{"pad_in_softmax": True, **d})  # a checkpoint from before the key had <pad> in its softmax
+        # A checkpoint written before a setting existed gets what it was trained with (pad_in_softmax: True).
+        legacy = {k: v for k, v in LEGACY_SETTINGS.items() if k in {f.name for f in fields(cls)}}
+        return cls(**{**legacy, **d})
 
 
 @dataclass
@@ -176,6 +179,10 @@ def output_mask(cfg: ModelConfig) -> torch.Tensor | None:
     return mask
 
 
+def with_output_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return logits if mask is None else logits + mask
+
+
 def _right_pad(tokens: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(tokens, (0, length - tokens.shape[-1]), value=PAD_ID)
 
@@ -268,8 +275,7 @@ class MetaSeq2Seq(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The output layer: (..., E) -> (..., V_out)."""
-        logits = self.out(h)
-        return logits if self.output_mask is None else logits + self.output_mask
+        return with_output_mask(self.out(h), self.output_mask)
 
     def _combine(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.attn_combine(torch.cat([h, ctx], -1)))     # tanh(W [h_t; ctx_t])

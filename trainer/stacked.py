@@ -29,7 +29,7 @@ from torch import nn
 from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID
 from trainer.batch import EpisodeBatch
 from trainer.lstm import cell_update_
-from trainer.model import DecodeResult, MetaSeq2Seq, ModelConfig, masked_attention, output_mask
+from trainer.model import DecodeResult, MetaSeq2Seq, ModelConfig, masked_attention, output_mask, with_output_mask
 
 
 # ---- packing ------------------------------------------------------------------------------------------------
@@ -462,8 +462,7 @@ class StackedMetaSeq2Seq(nn.Module):
         return self._logits(x), new_state
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = _linear(h, self.w("out.weight"), self.w("out.bias"))
-        return logits if self.output_mask is None else logits + self.output_mask
+        return with_output_mask(_linear(h, self.w("out.weight"), self.w("out.bias")), self.output_mask)
 
 
 def stack_models(models: list[MetaSeq2Seq]) -> StackedMetaSeq2Seq:

@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from pipeline.vocab import PAD_ID  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
 from trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 SWITCH_PAD_BIAS = -1e4
@@ -32,12 +33,15 @@ def adopt(path: Path) -> str:
         raise SystemExit(f"{path}: <pad> output bias is {bias:g}, not the switch's {SWITCH_PAD_BIAS:g}: not an arm F run")
     ckpt["model_config"]["pad_in_softmax"] = False
     ckpt["train_config"]["pad_in_softmax"] = False
-    save_checkpoint(path, {k: v for k, v in ckpt.items() if k not in ("format", "version")})  # atomic
+    save_checkpoint(path, ckpt)  # atomic
     return f"{path}: pad_in_softmax = False (bias {bias:g})"
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__.split("\n\n")[1].strip())
-    for name in sys.argv[1:]:
-        print(adopt(Path(name)))
+    try:
+        for name in sys.argv[1:]:
+            print(adopt(Path(name)))
+    except UserError as err:  # no checkpoint there, or not one of ours: one line
+        sys.exit(str(err))

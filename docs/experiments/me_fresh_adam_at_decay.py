@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from pipeline.errors import UserError  # noqa: E402
 from trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 
@@ -29,12 +30,15 @@ def fresh_adam(path: Path) -> str:
         raise SystemExit(f"{path}: at episode {done}, not at a decay (every {config['lr_decay_schedule']})")
     ckpt["optimizer"]["state"] = {}  # what the reset leaves after the step that reached the decay
     config["reset_adam_at_decay"] = True
-    save_checkpoint(path, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    save_checkpoint(path, ckpt)  # atomic
     return f"{path}: Adam's moments cleared at episode {done}, reset_adam_at_decay = True"
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__.split("\n\n")[1].strip())
-    for name in sys.argv[1:]:
-        print(fresh_adam(Path(name)))
+    try:
+        for name in sys.argv[1:]:
+            print(fresh_adam(Path(name)))
+    except UserError as err:  # no checkpoint there, or not one of ours: one line
+        sys.exit(str(err))

@@ -20,8 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import trainer.train_stack as train_stack  # noqa: E402
 
+CLIP = 50.0  # ours and the original's (train's --clip default)
 
-def record_norms(every: int, clip: float = 50.0) -> list[torch.Tensor]:
+
+def record_norms(every: int, clip: float = CLIP) -> list[torch.Tensor]:
     """Wrap the stack's clip so that each step's M norms are kept and summarised every `every` steps."""
     clip_grad_norms_, norms = train_stack.clip_grad_norms_, []
 
@@ -47,8 +49,8 @@ def main(args: list[str]) -> int:
     code = cli.run_cli(cli.cli, ["train", *args])
     if norms:
         everything = torch.stack(norms)
-        print(f"all {len(norms)} steps: largest norm {everything.max():.2f}, over 50: "
-              f"{(everything > 50).sum().item()}")
+        print(f"all {len(norms)} steps: largest norm {everything.max():.2f}, over {CLIP:g}: "
+              f"{(everything > CLIP).sum().item()}")
     return code
 
 
