@@ -54,6 +54,10 @@ def rows_as_scalars(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return expected
 
 
+def first_wall_time(path: Path) -> float:
+    return next(iter(EventFileLoader(str(path)).Load())).wall_time
+
+
 def assert_same(shown: dict, expected: dict) -> None:
     assert shown.keys() == expected.keys()
     for tag, points in expected.items():
@@ -83,7 +87,9 @@ def test_a_resumed_run_does_not_double_its_curves(store, tmp_path):
     rows = jsonl_rows(tmp_path)
     assert [r["episodes"] for r in rows] == [8, 16, 24, 32, 40, 48]
     log_dir = tmp_path / "tb" / "net_ME"
-    files = sorted(log_dir.glob("events.out.tfevents.*"))
+    # In write order. Not by name: the writer's name ends in a per-process counter, and ".10" sorts before ".9"
+    # when the three writers of this process open within one second.
+    files = sorted(log_dir.glob("events.out.tfevents.*"), key=first_wall_time)
     assert len(files) == 3
     shown = scalars_as_tensorboard_shows_them(log_dir)
     assert_same(shown, rows_as_scalars(rows))  # each step once, with the value of the run that was kept
