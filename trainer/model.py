@@ -60,12 +60,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
         # Unknown keys are an error: a checkpoint from another model version should not load silently.
-        unknown = set(d) - {f.name for f in fields(cls)}
+        unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         # A checkpoint written before a setting existed gets what it was trained with (pad_in_softmax: True).
-        legacy = {k: v for k, v in LEGACY_SETTINGS.items() if k in {f.name for f in fields(cls)}}
+        legacy = {k: v for k, v in LEGACY_SETTINGS.items() if k in names}
         return cls(**{**legacy, **d})
 
 
