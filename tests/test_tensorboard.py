@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,13 @@ def rows_as_scalars(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return expected
 
 
+def wait_for_the_next_second() -> None:
+    """TensorBoard reads a folder's event files in name order, and a name starts with the writer's whole second.
+    A resumed run is a new process, seconds later; writers of this one process must not share a second either,
+    or their per-process counters decide the order, and ".10" sorts before ".9"."""
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
+
+
 def first_wall_time(path: Path) -> float:
     return next(iter(EventFileLoader(str(path)).Load())).wall_time
 
@@ -80,8 +88,10 @@ def test_a_resumed_run_does_not_double_its_curves(store, tmp_path):
     run(store, tmp_path, stop_after=16)  # checkpoint at 16
     kept = tmp_path.parent / f"{tmp_path.name}-checkpoint16.pt"
     shutil.copy(tmp_path / "net_ME.pt", kept)
+    wait_for_the_next_second()
     run(store, tmp_path, stop_after=32, resume=True)  # rows 24 and 32 logged ...
     shutil.copy(kept, tmp_path / "net_ME.pt")         # ... then killed with its last checkpoint at 16
+    wait_for_the_next_second()
     run(store, tmp_path, resume=True)                 # trains 24 and 32 again, then on to 48
 
     rows = jsonl_rows(tmp_path)
