@@ -226,11 +226,31 @@ def markdown_table(groups: list[dict], meta: dict) -> str:
                      f"{format_stat(m[VAL_RETRIEVAL])} | {METRIC_LABELS.get(split, '-') if split else '-'} | "
                      f"{format_stat(m[split]) if split else '-'} | {'-' if paper is None else f'{paper:.2f}'} | "
                      f"{format_duration(g['train_seconds']['mean'])} |")
+    lines += per_run_table(meta["runs"])
     failures = [f"- {g['experiment']}/{g['variant']}/seed{f['seed']}: {f['status']}" + (f" ({f['error']})" if f['error'] else "")
                 for g in groups for f in g["failed"]]
     if failures:
         lines += ["", "Runs not finished:", *failures]
     return "\n".join(lines) + "\n"
+
+
+def per_run_table(rows: list[dict]) -> list[str]:
+    """Every finished run's own numbers under the aggregate, so that a mean is read with the seeds behind it."""
+    done = [row for row in rows if row["status"] == "done"]
+    if not done:
+        return []
+    lines = ["", "Per run:", "",
+             "| experiment | variant | seed | val generalization | val retrieval | test accuracy | episodes | "
+             "train time | trained on |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in done:
+        split = scan_test_split(row["experiment"])
+        cells = [row["metrics"].get(name) for name in (VAL_GENERALIZATION, VAL_RETRIEVAL, split)]
+        numbers = ["-" if value is None else f"{value:.2f}" for value in cells]
+        lines.append(f"| {row['experiment']} | {row['variant']} | {row['seed']} | {' | '.join(numbers)} | "
+                     f"{row.get('episodes') or '-'} | {format_duration(row['train_seconds'])} | "
+                     f"{row.get('trained_on') or '-'} |")
+    return lines
 
 
 def aggregate_grid(out: str | Path, runs: list[Run], grid_config: dict) -> dict:

@@ -122,6 +122,11 @@ def test_the_aggregate_equals_a_hand_computation(tmp_path):
     assert me["failed"] == [{"seed": 1, "status": "failed", "error": None}]
     table = (tmp_path / "results.md").read_text()
     assert f"{mean:.2f} ± {sd:.2f} (n=3)" in table and "ME/full/seed1: failed" in table
+    # Each finished run's own row under the aggregate (the failed seed has none).
+    per_run = table.split("Per run:")[1]
+    for seed, value in jump.items():
+        assert f"| scan_prim_permutation | full | {seed} | {90.0 + seed:.2f} | 100.00 | {value:.2f} | 100 |" in per_run
+    assert "| ME | full | 0 | 100.00 | 100.00 | - | 100 |" in per_run and "| ME | full | 1 |" not in per_run
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
