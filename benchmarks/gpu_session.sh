@@ -1,9 +1,10 @@
 #!/bin/bash
 # Every GPU check and figure that docs/benchmarks.md and docs/results.md still lack, in one call that fits a
 # 10-minute slot: the CUDA tests, one run against a stack of one, stacked throughput, ME over 16 seeds with TF32
-# off (stacked), and the SCAN table at three seeds with every ablation. Each step has its own time limit and writes its log and its small results
-# (eval reports, metrics logs, tables; never checkpoints) to OUT; a step that fails or runs out of time does not stop
-# the next, and a rerun resumes the grids where they stopped (reproduce is idempotent).
+# off (stacked), and the SCAN table at three seeds with every ablation. Each step has its own time limit and
+# writes its log and its small results (eval reports, metrics logs, tables; never checkpoints) to OUT; a step
+# that fails or runs out of time does not stop the next, and a rerun resumes the grids where they stopped
+# (reproduce is idempotent).
 #
 #   OUT=gpu_out bash benchmarks/gpu_session.sh                  # everything
 #   STEPS=tests,stacks bash benchmarks/gpu_session.sh           # some steps
