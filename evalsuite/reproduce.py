@@ -51,6 +51,7 @@ VARIANT_FLAGS = {  # keys in the order of aggregate.VARIANTS
 # RUN_KEYS (the settings that make two runs the same run) and PASS_THROUGH (the `cli.py train` flags a grid
 # passes through when given) are tags on TrainConfig's fields (trainer/config.py).
 EXIT_INTERRUPTED = 130
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"  # an attempt's start, local time
 ROOT = Path(__file__).resolve().parent.parent  # where `python -m cli` runs
 LAUNCHERS = ("local", "slurm")
 SUBMITIT_CLUSTER_ENV = "METASEQ2SEQ_SUBMITIT_CLUSTER"  # the tests' hook: "local" (see ReproduceConfig.slurm_cluster)
@@ -312,9 +313,25 @@ class RunRecord:
     @classmethod
     def load(cls, cfg: ReproduceConfig, run: Run) -> "RunRecord":
         path = run.dir(cfg.out) / RUN_RECORD
-        if path.is_file():
-            return cls(**json.loads(path.read_text()))
-        return cls(run.experiment, run.variant, run.seed)
+        if not path.is_file():
+            return cls(run.experiment, run.variant, run.seed)
+        record = cls(**json.loads(path.read_text()))
+        record.close_cut_off_attempts(cfg)
+        return record
+
+    def close_cut_off_attempts(self, cfg: ReproduceConfig) -> None:
+        """An attempt is written when it starts and completed when it ends; one still open was cut off by a hard
+        kill (SIGKILL, the machine going away) that left no exit code. Its time is estimated as the time from its
+        start to its log's last write, and counted: the step ran that long, at least."""
+        for attempt in self.attempts:
+            if attempt.get("seconds") is not None:
+                continue
+            log = Path(cfg.out) / attempt["log"]
+            started = time.mktime(time.strptime(attempt["started"], TIME_FORMAT))
+            seconds = round(max(0.0, log.stat().st_mtime - started), 1) if log.is_file() else 0.0
+            attempt |= {"seconds": seconds, "cut_off": True}
+            name = f"{attempt['step']}_seconds"
+            setattr(self, name, round(getattr(self, name) + seconds, 1))
 
     def save(self, cfg: ReproduceConfig, run: Run) -> None:
         path = run.dir(cfg.out) / RUN_RECORD
@@ -371,6 +388,13 @@ class Grid:
         """Run one `cli.py` subprocess, its output appended to `log_path`; the attempt goes into every record."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         start = time.time()
+        attempt = {"step": name, "started": time.strftime(TIME_FORMAT, time.localtime(start)),
+                   "seconds": None, "exit_code": None, "log": str(log_path.relative_to(self.cfg.out))}
+        if len(records) > 1:  # a stack: every model trained for the whole of this time
+            attempt["stack"] = [run.seed for run in records]
+        for record in records.values():  # on record before it runs, in case a hard kill cuts it off
+            record.attempts.append(attempt)
+        self.saved(records)
         with open(log_path, "a") as log:
             log.write(f"$ {' '.join(command)}\n")
             log.flush()
@@ -382,13 +406,9 @@ class Grid:
             with self.lock:
                 self.children.discard(child)
         seconds = time.time() - start
-        attempt = {"step": name, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
-                   "seconds": round(seconds, 1), "exit_code": code}
-        if len(records) > 1:  # a stack: every model trained for the whole of this time
-            attempt |= {"stack": [run.seed for run in records], "log": str(log_path.relative_to(self.cfg.out))}
+        attempt |= {"seconds": round(seconds, 1), "exit_code": code}  # the dict that every record holds
         for record in records.values():
             setattr(record, f"{name}_seconds", round(getattr(record, f"{name}_seconds") + seconds, 1))
-            record.attempts.append(dict(attempt))
         return code
 
     def execute(self, job: Job, states: dict[Run, RunState]) -> dict[Run, "RunRecord"]:

@@ -302,3 +302,45 @@ def test_threads_per_job_split_the_cores_and_a_lone_job_adapts(tmp_path):
     assert threads_flag(jobs=2) == str(max(1, usable_cores() // 2))
     assert threads_flag(jobs=1, threads=3) == "3"
     assert threads_flag(jobs=2, threads=5) == "2"
+
+
+# A grid that runs one step, whose command writes a line every 0.2 s; the test kills the grid's whole process
+# group with SIGKILL, as the end of a session or a lost machine does.
+HARD_KILLED_STEP = """
+import sys, time
+from evalsuite.reproduce import Grid, ReproduceConfig, Run, RunRecord
+cfg = ReproduceConfig(experiments=("ME",), out=sys.argv[1])
+run = Run("ME", "full", 0)
+run.dir(cfg.out).mkdir(parents=True)
+ticks = "import time\\nwhile True: print('tick', flush=True); time.sleep(0.2)"
+grid = Grid(cfg, print, own_sessions=False)  # the step stays in this process group, to die with it
+grid.step({run: RunRecord.load(cfg, run)}, "train", [sys.executable, "-c", ticks], run.dir(cfg.out) / "train.log")
+"""
+
+
+def test_an_attempt_cut_off_by_a_hard_kill_is_counted_from_its_log(tmp_path):
+    """run.json holds an attempt from its start; after a SIGKILL, the next load closes it with the time from its
+    start to its log's last write, and adds that to the run's train time once."""
+    from evalsuite.reproduce import ReproduceConfig, RunRecord
+    run, out = Run("ME", "full", 0), tmp_path / "grid"
+    grid = subprocess.Popen([sys.executable, "-c", HARD_KILLED_STEP, str(out)], cwd=ROOT, start_new_session=True)
+    record_path, log = run.dir(out) / "run.json", run.dir(out) / "train.log"
+    deadline = time.time() + 60
+    while not (log.is_file() and log.read_text().count("tick") >= 10) and time.time() < deadline:
+        time.sleep(0.05)
+    opened = json.loads(record_path.read_text())["attempts"]
+    assert [(a["step"], a["seconds"], a["exit_code"]) for a in opened] == [("train", None, None)]
+    os.killpg(grid.pid, signal.SIGKILL)
+    grid.wait()
+    time.sleep(0.5)  # the ticking child is gone with its group: the log stays as it is
+    started = time.mktime(time.strptime(opened[0]["started"], "%Y-%m-%dT%H:%M:%S"))
+    ran_for = log.stat().st_mtime - started
+
+    cfg = ReproduceConfig(experiments=("ME",), out=str(out))
+    record = RunRecord.load(cfg, run)
+    [attempt] = record.attempts
+    assert attempt["cut_off"] is True and attempt["exit_code"] is None
+    assert attempt["seconds"] == pytest.approx(ran_for, abs=0.1) and attempt["seconds"] >= 1.8  # 10 ticks at least
+    assert record.train_seconds == attempt["seconds"]
+    record.save(cfg, run)
+    assert RunRecord.load(cfg, run).train_seconds == attempt["seconds"]  # counted once

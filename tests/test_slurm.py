@@ -137,6 +137,10 @@ def test_a_killed_job_is_resumed_by_the_same_command(tmp_path):
     assert f"[resume] ME/full/seed0: from episode {stopped}" in again.stdout
     assert_trained_once(run, tmp_path)
     assert (tmp_path / "results.json").is_file()
+    record = json.loads((run.dir(tmp_path) / "run.json").read_text())
+    trains = [a for a in record["attempts"] if a["step"] == "train"]
+    assert [(a.get("cut_off", False), a["exit_code"]) for a in trains] == [(True, None), (False, 0)]
+    assert trains[0]["seconds"] > 0 and record["train_seconds"] == pytest.approx(sum(a["seconds"] for a in trains))
 
 
 @pytest.mark.parametrize("args, cluster, message", [
