@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -134,11 +135,16 @@ def grid_command(argv: list[str], out: str | Path) -> str:
 
 
 def without_folders(text: str | None, out: str | Path) -> str | None:
-    """A message (a run's error) with OUT's absolute path written relative to OUT."""
+    """A message (a run's error) with OUT's path, absolute or as given (`--out runs`), written relative to OUT."""
     if not text:
         return text
     root = os.path.abspath(out)
-    return text.replace(root + os.sep, "").replace(root, ".")
+    text = text.replace(root + os.sep, "").replace(root, ".")
+    relative = os.path.relpath(root)  # as `--out runs` reaches train's messages
+    if relative == ".":
+        return text
+    # Only where it starts a word of the message: `saved runs/ME/...`, not `old_runs/ME/...`.
+    return re.sub(rf"(?<![\w./-]){re.escape(relative + os.sep)}", "", text)
 
 
 def grid_settings(grid_config: dict, out: str | Path) -> dict:

@@ -172,6 +172,19 @@ def test_the_aggregate_names_paths_relative_to_the_grid_folder(tmp_path, monkeyp
     assert "ME/full/seed1: failed (train exited 1: error: stores/seed1/ME" in (out / "results.md").read_text()
 
 
+def test_a_run_error_names_paths_relative_to_the_grid_folder_however_out_was_given(tmp_path, monkeypatch):
+    """`--out runs` (relative, as users type it) reaches train as `runs/...`: the aggregate's error drops it, as
+    it drops the absolute form; a folder that only ends in the same name is left alone."""
+    from evalsuite.aggregate import without_folders
+    monkeypatch.chdir(tmp_path)
+    message = "interrupted: saved {}/ME/full/seed0/net_ME.pt; old_runs/ME and {}/x"
+    for given in ("runs", "runs/", "./runs", str(tmp_path / "runs")):
+        for written in ("runs", str(tmp_path / "runs")):
+            assert without_folders(message.format(written, written), given) == (
+                "interrupted: saved ME/full/seed0/net_ME.pt; old_runs/ME and x")
+    assert without_folders("error: nested/runs/ME is not a store", "runs") == "error: nested/runs/ME is not a store"
+
+
 @pytest.mark.slow
 def test_a_tiny_grid_aggregate_names_no_folder_of_the_machine(tiny_grid):
     out, result = tiny_grid
