@@ -386,15 +386,28 @@ class Grid:
 
     def step(self, records: dict[Run, "RunRecord"], name: str, command: list[str], log_path: Path) -> int:
         """Run one `cli.py` subprocess, its output appended to `log_path`; the attempt goes into every record."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         start = time.time()
+        attempt = self.open_attempt(records, name, start, log_path)
+        code = self.run_child(command, log_path)
+        seconds = time.time() - start
+        attempt |= {"seconds": round(seconds, 1), "exit_code": code}  # the dict that every record holds
+        for record in records.values():
+            setattr(record, f"{name}_seconds", round(getattr(record, f"{name}_seconds") + seconds, 1))
+        return code
+
+    def open_attempt(self, records: dict[Run, "RunRecord"], name: str, start: float, log_path: Path) -> dict:
+        """The attempt goes on record before it runs, so that one cut off by a hard kill is known later."""
         attempt = {"step": name, "started": time.strftime(TIME_FORMAT, time.localtime(start)),
                    "seconds": None, "exit_code": None, "log": str(log_path.relative_to(self.cfg.out))}
         if len(records) > 1:  # a stack: every model trained for the whole of this time
             attempt["stack"] = [run.seed for run in records]
-        for record in records.values():  # on record before it runs, in case a hard kill cuts it off
+        for record in records.values():
             record.attempts.append(attempt)
         self.saved(records)
+        return attempt
+
+    def run_child(self, command: list[str], log_path: Path) -> int:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(log_path, "a") as log:
             log.write(f"$ {' '.join(command)}\n")
             log.flush()
@@ -405,10 +418,6 @@ class Grid:
             code = child.wait()
             with self.lock:
                 self.children.discard(child)
-        seconds = time.time() - start
-        attempt |= {"seconds": round(seconds, 1), "exit_code": code}  # the dict that every record holds
-        for record in records.values():
-            setattr(record, f"{name}_seconds", round(getattr(record, f"{name}_seconds") + seconds, 1))
         return code
 
     def execute(self, job: Job, states: dict[Run, RunState]) -> dict[Run, "RunRecord"]:
