@@ -330,8 +330,12 @@ class RunRecord:
             started = time.mktime(time.strptime(attempt["started"], TIME_FORMAT))
             seconds = round(max(0.0, log.stat().st_mtime - started), 1) if log.is_file() else 0.0
             attempt |= {"seconds": seconds, "cut_off": True}
-            name = f"{attempt['step']}_seconds"
-            setattr(self, name, round(getattr(self, name) + seconds, 1))
+            self.count_time(attempt["step"], seconds)
+
+    def count_time(self, step: str, seconds: float) -> None:
+        """Add an attempt's time to the step's total (train_seconds or eval_seconds)."""
+        name = f"{step}_seconds"
+        setattr(self, name, round(getattr(self, name) + seconds, 1))
 
     def save(self, cfg: ReproduceConfig, run: Run) -> None:
         path = run.dir(cfg.out) / RUN_RECORD
@@ -392,7 +396,7 @@ class Grid:
         seconds = time.time() - start
         attempt |= {"seconds": round(seconds, 1), "exit_code": code}  # the dict that every record holds
         for record in records.values():
-            setattr(record, f"{name}_seconds", round(getattr(record, f"{name}_seconds") + seconds, 1))
+            record.count_time(name, seconds)
         return code
 
     def open_attempt(self, records: dict[Run, "RunRecord"], name: str, start: float, log_path: Path) -> dict:
