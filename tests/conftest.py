@@ -1,5 +1,6 @@
 """Fixtures shared by several test files."""
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,13 @@ import torch
 from pipeline import threads
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A suite started in the background by a script (`pytest &`, `nohup pytest &`) inherits SIGINT ignored, as POSIX
+# shells start background jobs, and every command a test starts would inherit that too: the tests that press
+# Ctrl-C on a command would wait on it in vain. They test what a terminal's Ctrl-C does, so SIGINT is handled
+# here, as in a foreground pytest; a handled signal is back to its default in every command started from here.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
