@@ -38,7 +38,7 @@ from pipeline.samplers import EPISODE_TYPES
 from pipeline.shardio import check_writable_dir, file_sha256, write_bytes_atomically
 from pipeline.threads import usable_cores
 from trainer.checkpoint import load_checkpoint
-from trainer.config import LEGACY_SETTINGS, PASS_THROUGH, RUN_KEYS, TrainConfig
+from trainer.config import PASS_THROUGH, RUN_KEYS, TrainConfig
 from trainer.train_stack import SEED_FIELD
 
 # The paper's ablations, as flags of `cli.py train`.
@@ -79,9 +79,9 @@ class ReproduceConfig:
     workers: int | None = None
     val_every: int | None = None
     checkpoint_every: int | None = None
-    attend_query_padding: bool = False
+    mask_query_padding: bool = False
     pad_in_softmax: bool = False
-    reset_adam_at_decay: bool = False
+    keep_adam_at_decay: bool = False
     num_val_episodes: int = episode_store.GenerateConfig.num_val_episodes
     stack_size: int = 16               # most seeds trained in one stack
     separate: bool = False             # every run in its own `train` process (no stacks)
@@ -213,7 +213,7 @@ def run_state(cfg: ReproduceConfig, run: Run) -> RunState:
     ckpt = load_checkpoint(path)
     want, have = asdict(expected_config(cfg, run)), ckpt["train_config"]
     for key in RUN_KEYS:
-        trained_with = have.get(key, LEGACY_SETTINGS.get(key, want[key]))
+        trained_with = have.get(key, want[key])
         if trained_with != want[key]:
             raise UserError(f"{run.dir(cfg.out)} holds a run with {key}={trained_with!r}, this grid asks for "
                             f"{want[key]!r}: use another --out, or remove that folder")

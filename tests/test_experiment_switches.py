@@ -154,8 +154,8 @@ def test_one_fused_adam_makes_the_originals_two_adams_update():
 
 @pytest.mark.slow
 def test_fresh_adam_at_the_decay_continues_as_the_run_with_the_reset(tmp_path):
-    """A run stopped at the decay without --reset_adam_at_decay, passed through me_fresh_adam_at_decay.py and
-    resumed with it, ends with the weights of the run trained with the reset from the start, bitwise."""
+    """A run stopped at the decay with --keep_adam_at_decay, passed through me_fresh_adam_at_decay.py and
+    resumed without it, ends with the weights of the run trained with the reset from the start, bitwise."""
     from pipeline import store as episode_store
     from trainer.checkpoint import load_checkpoint
     from trainer.config import TrainConfig
@@ -165,16 +165,16 @@ def test_fresh_adam_at_the_decay_continues_as_the_run_with_the_reset(tmp_path):
         "ME", num_episodes=64, shard_size=32, out=str(tmp_path / "store"), progress=False, workers=1))
     tiny = dict(store=str(store), emb_size=16, nlayers=1, dropout=0.5, batch_size=8, lr_decay_schedule=24,
                 progress=False, val_every=8, workers=1)
-    train(TrainConfig(dir_model=str(tmp_path / "reset"), num_episodes=40, reset_adam_at_decay=True, **tiny))
-    train(TrainConfig(dir_model=str(tmp_path / "later"), num_episodes=24, **tiny))
+    train(TrainConfig(dir_model=str(tmp_path / "reset"), num_episodes=40, **tiny))
+    train(TrainConfig(dir_model=str(tmp_path / "later"), num_episodes=24, keep_adam_at_decay=True, **tiny))
     with pytest.raises(SystemExit, match="already"):
         script.fresh_adam(tmp_path / "reset" / "net_ME.pt")
     script.fresh_adam(tmp_path / "later" / "net_ME.pt")
-    train(TrainConfig(dir_model=str(tmp_path / "later"), num_episodes=40, reset_adam_at_decay=True, resume=True,
-                      **tiny))
+    train(TrainConfig(dir_model=str(tmp_path / "later"), num_episodes=40, resume=True, **tiny))
     reset, later = (load_checkpoint(tmp_path / d / "net_ME.pt") for d in ("reset", "later"))
     assert reset["episodes_done"] == later["episodes_done"] == 40
     assert all(torch.equal(reset["model"][k], later["model"][k]) for k in reset["model"])
-    train(TrainConfig(dir_model=str(tmp_path / "plain"), num_episodes=40, **tiny))  # the check can fail: no reset
+    train(TrainConfig(dir_model=str(tmp_path / "plain"), num_episodes=40, keep_adam_at_decay=True,
+                      **tiny))  # the check can fail: no reset
     plain = load_checkpoint(tmp_path / "plain" / "net_ME.pt")
     assert not all(torch.equal(reset["model"][k], plain["model"][k]) for k in reset["model"])

@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID
 from trainer.batch import EpisodeBatch, make_batch
+from trainer.config import TrainConfig, upgrade_settings
 from trainer.lstm import Packing, _cudnn_lstm, packed_lstm
 from trainer.lstm import dropout as lstm_dropout
 from trainer.model import DecodeResult, MetaSeq2Seq, ModelConfig, strip_decoded
@@ -25,15 +26,17 @@ CONFIGS = {
     "no_memory": {"disable_memory": True},
     "no_attention": {"disable_attention": True},
     "no_memory_no_attention": {"disable_memory": True, "disable_attention": True},
-    "attend_query_padding": {"attend_query_padding": True},
+    "query_padding_attended": {"mask_query_padding": False},  # the original's attention, the default
     "pad_in_softmax": {"pad_in_softmax": True},  # <pad> as a class: this project's models before issue 15
 }
-# The references that decode each query alone have no other queries to pad to: they stand for the masked model.
-# attend_query_padding is checked against the original code instead (test_original_equivalence.py).
-MASKED_CONFIGS = [name for name, kwargs in CONFIGS.items() if not kwargs.get("attend_query_padding")]
+# The references that decode each query alone have no other queries to pad to: they stand for the masked model,
+# which these tests build unless a config says otherwise. The default, the original's attention over the
+# padded query steps, is checked against the original code instead (test_original_equivalence.py).
+MASKED_CONFIGS = [name for name, kwargs in CONFIGS.items() if kwargs.get("mask_query_padding", True)]
 
 
 def make_model(seed: int = 0, emb_size: int = 24, nlayers: int = 2, **kwargs) -> MetaSeq2Seq:
+    kwargs.setdefault("mask_query_padding", True)
     torch.manual_seed(seed)
     model = MetaSeq2Seq(ModelConfig(V_IN, V_OUT, emb_size=emb_size, nlayers=nlayers, **kwargs))
     return model.eval()
@@ -83,18 +86,28 @@ def test_config_round_trip_and_validation():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert ModelConfig(5, 6).to_dict() == {"input_vocab_size": 5, "output_vocab_size": 6, "emb_size": 200,
                                            "nlayers": 2, "dropout": 0.5, "disable_memory": False,
-                                           "disable_attention": False, "attend_query_padding": False,
+                                           "disable_attention": False, "mask_query_padding": False,
                                            "pad_in_softmax": False}
-    # A checkpoint written before attend_query_padding existed loads with it off (its behaviour then).
-    older = {k: v for k, v in cfg.to_dict().items() if k != "attend_query_padding"}
-    assert ModelConfig.from_dict(older) == cfg
-    # One written before pad_in_softmax existed had <pad> in its softmax.
-    older = {k: v for k, v in cfg.to_dict().items() if k != "pad_in_softmax"}
-    assert ModelConfig.from_dict(older) == ModelConfig(**{**cfg.to_dict(), "pad_in_softmax": True})
     with pytest.raises(ValueError, match="unknown"):
         ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(ValueError):
         ModelConfig(V_IN, V_OUT, dropout=1.0)
+
+
+def test_an_older_checkpoints_config_is_read_as_it_was_trained():
+    cfg = ModelConfig(V_IN, V_OUT, emb_size=8, nlayers=1, dropout=0.1)
+    names = cfg.to_dict().keys()
+    today = {k: v for k, v in cfg.to_dict().items() if k not in ("mask_query_padding", "pad_in_softmax")}
+    read = lambda saved: ModelConfig.from_dict(upgrade_settings(saved, names))  # noqa: E731
+    # Written before the attention setting existed: padding masked, and <pad> in the softmax.
+    assert read(today) == ModelConfig(**{**today, "mask_query_padding": True, "pad_in_softmax": True})
+    # Written under the setting's earlier name, which meant the opposite.
+    for attended in (False, True):
+        older = {**today, "attend_query_padding": attended, "pad_in_softmax": False}
+        assert read(older) == ModelConfig(**{**today, "mask_query_padding": not attended, "pad_in_softmax": False})
+    train = upgrade_settings({"reset_adam_at_decay": False}, TrainConfig.__dataclass_fields__)
+    assert train["keep_adam_at_decay"] is True and "reset_adam_at_decay" not in train
+    assert upgrade_settings({}, TrainConfig.__dataclass_fields__)["keep_adam_at_decay"] is True
 
 
 def test_strip_decoded():

@@ -149,7 +149,7 @@ def vocab_rows(our_name: str):
 # ---- building both sides -------------------------------------------------------------------------------
 
 def build_pair(original, seed: int, disable_memory: bool = False, disable_attention: bool = False,
-               attend_query_padding: bool = False):
+               mask_query_padding: bool = False):
     """The original's (encoder, decoder) with its own random init, and our model with those weights."""
     n_in, n_out = original_sizes()
     torch.manual_seed(seed)
@@ -161,7 +161,7 @@ def build_pair(original, seed: int, disable_memory: bool = False, disable_attent
             p.normal_(0.0, INIT_STD)
     model = MetaSeq2Seq(ModelConfig(n_in + 1, n_out + 1, emb_size=E, nlayers=NLAYERS, dropout=0.0,  # + <pad>
                                     disable_memory=disable_memory, disable_attention=disable_attention,
-                                    attend_query_padding=attend_query_padding))
+                                    mask_query_padding=mask_query_padding))
     copy_original_weights(encoder, decoder, model)
     return encoder, decoder, model.eval()
 
@@ -236,10 +236,10 @@ def test_equal_length_queries_match_the_original(original, name):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_attend_query_padding_matches_the_original_on_unequal_lengths(original, name):
-    # The option that gives the decoder attention the original's padded steps, per episode, in a batch of
-    # episodes whose longest queries differ: the same loss, gradients, outputs and attention as the original.
-    encoder, decoder, model = build_pair(original, seed=5, attend_query_padding=True, **CONFIGS[name])
+def test_the_default_matches_the_original_on_unequal_lengths(original, name):
+    # The default decoder attention covers the original's padded steps, per episode, in a batch of episodes
+    # whose longest queries differ: the same loss, gradients, outputs and attention as the original.
+    encoder, decoder, model = build_pair(original, seed=5, **CONFIGS[name])
     rng = random.Random(6)
     records = [random_episode(rng, ns, nq, in_len=lambda: rng.randint(1, 5)) for ns, nq in EPISODE_SIZES]
     longest = [max(len(it["input"].split()) for it in r["query"] + r["support"]) for r in records]
@@ -295,8 +295,8 @@ def our_query_losses(model: MetaSeq2Seq, batch) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["full", "no_memory"])
-def test_unequal_length_queries_differ_only_by_the_originals_padded_attention(original, name):
-    encoder, decoder, model = build_pair(original, seed=3, **CONFIGS[name])
+def test_masked_query_padding_differs_from_the_original_only_by_that_attention(original, name):
+    encoder, decoder, model = build_pair(original, seed=3, mask_query_padding=True, **CONFIGS[name])
     rng = random.Random(4)
     record = random_episode(rng, 3, 4, in_len=lambda: rng.randint(1, 5))
     batch = collate_episodes([record], TOKENIZER, support_as_queries=True)

@@ -26,7 +26,7 @@ from test_model import V_IN, V_OUT, batch_of, random_episodes
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"full": {}, "no_memory": {"disable_memory": True}, "no_attention": {"disable_attention": True},
-            "attend_query_padding": {"attend_query_padding": True}, "pad_in_softmax": {"pad_in_softmax": True}}
+            "mask_query_padding": {"mask_query_padding": True}, "pad_in_softmax": {"pad_in_softmax": True}}
 # Three models, two episodes each, of different sizes: every model pads to the stack, and within itself.
 SIZES = ((3, 4), (5, 2), (2, 6), (4, 1), (1, 3), (3, 3))
 

@@ -359,24 +359,27 @@ def test_train_help_shows_the_real_defaults(capsys):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_from_before_attend_query_padding_resumes_as_masked(store, tmp_path):
+def test_an_older_checkpoint_resumes_with_the_settings_it_was_trained_with(store, tmp_path):
+    # Written before the attention setting existed: trained with the query padding masked and Adam kept.
     run(store, tmp_path)
     path = tmp_path / "net_ME.pt"
     ckpt = torch.load(path, weights_only=True)
-    del ckpt["train_config"]["attend_query_padding"], ckpt["model_config"]["attend_query_padding"]
+    for config in ("train_config", "model_config"):
+        del ckpt[config]["mask_query_padding"]
+    del ckpt["train_config"]["keep_adam_at_decay"]
     torch.save(ckpt, path)
-    with pytest.raises(UserError, match="attend_query_padding=False"):
-        run(store, tmp_path, num_episodes=96, resume=True, attend_query_padding=True)
-    run(store, tmp_path, num_episodes=96, resume=True)
+    with pytest.raises(UserError, match="mask_query_padding=True"):
+        run(store, tmp_path, num_episodes=96, resume=True)
+    run(store, tmp_path, num_episodes=96, resume=True, mask_query_padding=True, keep_adam_at_decay=True)
     resumed = load_checkpoint(path)
-    assert resumed["episodes_done"] == 96 and resumed["model_config"]["attend_query_padding"] is False
+    assert resumed["episodes_done"] == 96 and resumed["model_config"]["mask_query_padding"] is True
 
 
 @pytest.mark.slow
-def test_reset_adam_at_decay_starts_adam_again_at_each_decay(store, tmp_path):
-    # 5 steps of 8 episodes, decay at 24: Adam's step count runs on through the decay, or restarts there.
+def test_each_decay_starts_adam_again_unless_keep_adam_at_decay(store, tmp_path):
+    # 5 steps of 8 episodes, decay at 24: Adam's step count restarts at the decay, or runs on through it.
     for reset in (False, True):
-        run(store, tmp_path / str(reset), num_episodes=40, lr_decay_schedule=24, reset_adam_at_decay=reset)
+        run(store, tmp_path / str(reset), num_episodes=40, lr_decay_schedule=24, keep_adam_at_decay=not reset)
         ckpt = load_checkpoint(tmp_path / str(reset) / "net_ME.pt")
         steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
         assert steps == ({2} if reset else {5})

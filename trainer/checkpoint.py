@@ -6,6 +6,7 @@ input_vocab, output_vocab, episodes_done, data_position, store, manifest_sha256,
 from __future__ import annotations
 
 import contextlib
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from filelock import FileLock, Timeout
 
 from pipeline.errors import UserError
 from pipeline.shardio import check_writable_dir, write_atomically
+from trainer.config import SETTINGS, upgrade_settings
 
 CHECKPOINT_FORMAT = "metaseq2seq-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -84,4 +86,13 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path} is not a metaseq2seq checkpoint")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"checkpoint {path} has version {payload.get('version')}, expected {CHECKPOINT_VERSION}")
-    return payload
+    return upgrade_configs(payload)
+
+
+def upgrade_configs(payload: dict) -> dict:
+    """The payload with its configs in today's settings: what an older checkpoint was trained with is stated
+    under today's names, here, once (trainer/config.py's upgrade_settings)."""
+    from trainer.model import ModelConfig  # here: the model module imports this one's callers
+    model_names = {f.name for f in fields(ModelConfig)}
+    return {**payload, "train_config": upgrade_settings(payload["train_config"], SETTINGS),
+            "model_config": upgrade_settings(payload["model_config"], model_names)}

@@ -21,7 +21,19 @@ PAPER_LR, BATCHED_LR = 1e-3, 2e-3
 PAPER_BATCH_SIZE = 1
 DEFAULT_EPISODE_TYPE = "ME"      # when neither --episode_type nor --store is given
 # What a checkpoint written before a setting existed was trained with.
-LEGACY_SETTINGS = {"attend_query_padding": False, "reset_adam_at_decay": False, "pad_in_softmax": True}
+LEGACY_SETTINGS = {"mask_query_padding": True, "keep_adam_at_decay": True, "pad_in_softmax": True}
+# Settings that earlier checkpoints record under another name, with the opposite meaning.
+NEGATED_NAMES = {"attend_query_padding": "mask_query_padding", "reset_adam_at_decay": "keep_adam_at_decay"}
+
+
+def upgrade_settings(saved: dict, names) -> dict:
+    """A checkpoint's saved config in today's names: renamed settings translated, and each of `names` that it
+    lacks filled in with what it was trained with then (LEGACY_SETTINGS). Applied once, when it is loaded."""
+    settings = dict(saved)
+    for old, new in NEGATED_NAMES.items():
+        if old in settings:
+            settings[new] = not settings.pop(old)
+    return {**{k: v for k, v in LEGACY_SETTINGS.items() if k in names}, **settings}
 
 
 def default_batch_size(episode_type: str) -> int:
@@ -65,19 +77,19 @@ class TrainConfig:
     disable_memory: bool = setting(False, "Ablation: plain seq2seq that ignores the support set.", **SAME_RUN)
     disable_attention: bool = setting(False, "Ablation: decoder without attention.", **SAME_RUN)
     disable_recon_loss: bool = setting(False, "Do not add the support items as queries.", **SAME_RUN)
-    # The original's decoder attention over padded query steps (model.py). Off, as in docs/method.md: on ME,
-    # alone or with reset_adam_at_decay, it did not separate from the default over seeds (docs/results.md).
-    attend_query_padding: bool = setting(
-        False, "As the original code: the decoder attention also covers the padded steps of an episode's shorter "
-               "queries (default: masked, as docs/method.md says).", **SAME_RUN, grid=True)
+    # The default is the original's: the decoder attention covers the padded steps of an episode's shorter
+    # queries, up to its longest. Masking them trained ME to 100% on fewer seeds (docs/results.md).
+    mask_query_padding: bool = setting(
+        False, "Not as the original: the decoder attention covers each query's own steps only, not the padded "
+               "steps of an episode's shorter queries.", **SAME_RUN, grid=True)
     # Off, as in the original: its output language has no padding symbol, so its decoder's softmax runs over the
-    # output symbols, <sos> and <eos> only (6 classes on ME). Ours kept <pad> as a 7th class until issue 15.
+    # output symbols, <sos> and <eos> only (6 classes on ME). This project's first models had <pad> as a class.
     pad_in_softmax: bool = setting(
-        False, "As this project's models before issue 15: <pad> is one of the decoder's output classes (the "
-               "original has no such class; default: no <pad> in the softmax).", **SAME_RUN, grid=True)
-    reset_adam_at_decay: bool = setting(
-        False, "As the original code: each lr decay starts Adam afresh (its moment estimates are reset).",
-        **SAME_RUN, grid=True)
+        False, "Not as the original: <pad> is one of the decoder's output classes, as in this project's first "
+               "models.", **SAME_RUN, grid=True)
+    keep_adam_at_decay: bool = setting(
+        False, "Not as the original: Adam keeps its moment estimates across each lr decay (the original starts "
+               "a fresh Adam there).", **SAME_RUN, grid=True)
     workers: int = setting(1, "DataLoader worker processes per process.", **SAME_RUN, grid=True)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N (one GPU of several).", grid=True)
     gpu: int | None = setting(None, "As the original code: train on GPU N, the same as --device cuda:N.")
@@ -129,6 +141,21 @@ def tagged(tag: str) -> tuple[str, ...]:
 RESUME_KEYS = tagged("resume")   # must match for --resume to continue the same run
 RUN_KEYS = tagged("run")         # a checkpoint that differs in one of them is another run of a grid
 PASS_THROUGH = tagged("grid")    # `cli.py reproduce` passes them to train when given
+
+
+# The settings that depart from the original's training, as train's start-up summary names them.
+DEPARTURES = {"mask_query_padding": "query padding masked", "keep_adam_at_decay": "Adam kept across lr decays",
+              "pad_in_softmax": "<pad> in the softmax", "disable_memory": "ablation: no memory",
+              "disable_attention": "ablation: no decoder attention",
+              "disable_recon_loss": "ablation: no support loss"}
+
+
+def recipe(cfg: TrainConfig) -> str:
+    """The training recipe in a few words: the original's, or what departs from it."""
+    departures = [words for name, words in DEPARTURES.items() if getattr(cfg, name)]
+    if not departures:
+        return "the original's (padded query steps attended, fresh Adam at each lr decay)"
+    return "the original's, except: " + ", ".join(departures)
 
 
 def with_store_episode_type(cfg: TrainConfig) -> TrainConfig:

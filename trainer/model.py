@@ -24,7 +24,6 @@ from torch import nn
 
 from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID
 from trainer.batch import EpisodeBatch
-from trainer.config import LEGACY_SETTINGS
 from trainer.lstm import Dropout, Packing, packed_lstm
 
 NUM_SPECIAL_TOKENS = 3  # PAD, SOS, EOS head every vocabulary
@@ -39,10 +38,10 @@ class ModelConfig:
     dropout: float = 0.5
     disable_memory: bool = False
     disable_attention: bool = False
-    # The original code's decoder attention also covered the padded steps of the shorter queries of an episode
-    # (up to the episode's longest query), where c_t = tanh(W [0; mean of the support values] + b): with this
-    # on, ours does the same per episode, whatever else shares the batch. Off: padding masked (docs/method.md).
-    attend_query_padding: bool = False
+    # Off, as the original: the decoder attention also covers the padded steps of the shorter queries of an
+    # episode (up to the episode's longest query), where c_t = tanh(W [0; mean of the support values] + b),
+    # per episode, whatever else shares the batch. On: each query attends over its own steps only.
+    mask_query_padding: bool = False
     # The original's decoder has no <pad> class: off, the <pad> logit is -inf (probability 0, no gradient, never
     # decoded), so the softmax runs over the original's classes. On: <pad> is a class, as in our models before.
     pad_in_softmax: bool = False
@@ -65,9 +64,7 @@ class ModelConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        # A checkpoint written before a setting existed gets what it was trained with (pad_in_softmax: True).
-        legacy = {k: v for k, v in LEGACY_SETTINGS.items() if k in names}
-        return cls(**{**legacy, **d})
+        return cls(**d)
 
 
 @dataclass
@@ -242,10 +239,10 @@ class MetaSeq2Seq(nn.Module):
         return _Encoded(context, self._context_mask(batch, q_len), init, mem_attn.view(B, nq, Tqi, ns))
 
     def _context_mask(self, batch: EpisodeBatch, q_len: torch.Tensor) -> torch.Tensor:
-        """(N, Tqi) the query steps the decoder attends over: each query's own, or with attend_query_padding
-        every step up to the longest valid query of its episode (the original's padded attention)."""
+        """(N, Tqi) the query steps the decoder attends over: every step up to the longest valid query of its
+        episode (the original's padded attention), or with mask_query_padding each query's own."""
         B, nq, Tqi = batch.query_in.shape
-        if not self.cfg.attend_query_padding:
+        if self.cfg.mask_query_padding:
             return self._step_mask(q_len, Tqi)
         longest = (batch.query_in_len * batch.query_mask).amax(1).clamp(min=1)   # (B,)
         return self._step_mask(longest.repeat_interleave(nq), Tqi)

@@ -373,7 +373,7 @@ class StackedMetaSeq2Seq(nn.Module):
 
     def _context_mask(self, batch: EpisodeBatch, q_len: torch.Tensor) -> torch.Tensor:
         MB, nq, Tqi = batch.query_in.shape
-        if self.cfg.attend_query_padding:  # every step up to the longest valid query of its episode
+        if not self.cfg.mask_query_padding:  # every step up to the longest valid query of its episode
             q_len = (batch.query_in_len * batch.query_mask).amax(1).clamp(min=1).repeat_interleave(nq)
         return torch.arange(Tqi, device=q_len.device) < q_len.unsqueeze(1)
 

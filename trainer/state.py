@@ -11,7 +11,7 @@ from pipeline import store as episode_store
 from pipeline.errors import UserError
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.config import LEGACY_SETTINGS, RESUME_KEYS, TrainConfig
+from trainer.config import RESUME_KEYS, TrainConfig
 from trainer.model import MetaSeq2Seq, ModelConfig
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ def model_config(cfg: TrainConfig, manifest: dict) -> ModelConfig:
     return ModelConfig(input_vocab_size=len(manifest["input_vocab"]), output_vocab_size=len(manifest["output_vocab"]),
                        emb_size=cfg.emb_size, nlayers=cfg.nlayers, dropout=cfg.dropout,
                        disable_memory=cfg.disable_memory, disable_attention=cfg.disable_attention,
-                       attend_query_padding=cfg.attend_query_padding, pad_in_softmax=cfg.pad_in_softmax)
+                       mask_query_padding=cfg.mask_query_padding, pad_in_softmax=cfg.pad_in_softmax)
 
 
 class LossWrapper(torch.nn.Module):
@@ -66,7 +66,7 @@ def restore(state: TrainState, cfg: TrainConfig, manifest_hash: str, world_size:
     ckpt = load_checkpoint(cfg.checkpoint_path)
     saved = ckpt["train_config"]
     for key in RESUME_KEYS:
-        trained_with = saved.get(key, LEGACY_SETTINGS.get(key))
+        trained_with = saved.get(key)
         if trained_with != getattr(cfg, key):
             raise UserError(f"cannot resume from {cfg.checkpoint_path}: it was trained with {key}={trained_with!r}, "
                             f"this run asks for {getattr(cfg, key)!r}")

@@ -24,7 +24,7 @@ from pipeline import store as episode_store
 from pipeline.errors import UserError
 from trainer import distributed
 from trainer.checkpoint import claim_checkpoint
-from trainer.config import TrainConfig, check_checkpoint_target, check_config, with_store_episode_type
+from trainer.config import TrainConfig, check_checkpoint_target, check_config, recipe, with_store_episode_type
 from trainer.data import StreamConfig, Tokenizer, make_loader, read_records
 from trainer.device import device_name, requested_device, resolve_device
 from trainer.evaluate import decode_records
@@ -56,7 +56,7 @@ def train_step(state: TrainState, loss_module: torch.nn.Module, batch, cfg: Trai
     decays_before = state.episodes_done // cfg.lr_decay_schedule
     state.episodes_done += batch.num_episodes if episodes is None else episodes
     state.steps += 1
-    if cfg.reset_adam_at_decay and state.episodes_done // cfg.lr_decay_schedule > decays_before:
+    if not cfg.keep_adam_at_decay and state.episodes_done // cfg.lr_decay_schedule > decays_before:
         state.optimizer.state.clear()  # Adam starts again: its moments and bias correction, at the new lr
     state.scheduler.step()  # after counting the episodes: the lr follows the episodes seen
     return float(loss.detach())
@@ -172,6 +172,7 @@ def summary(state: TrainState, session: Session, run: "RunLog") -> str:
                    + (", bf16 autocast" if cfg.amp == "bf16" else "")),
         ("threads", thread_summary()),
         ("episode type", cfg.episode_type),
+        ("recipe", recipe(cfg)),
         ("store", f"{cfg.store_path} (manifest sha256 {session.manifest_hash})"),
         ("batch size", f"{cfg.batch_size} episodes per step, {cfg.workers} loader worker(s) per process"),
         ("lr", f"{cfg.lr:g}, x0.1 every {cfg.lr_decay_schedule} episodes seen"),

@@ -30,7 +30,7 @@ from trainer.model import evaluating, strip_decoded
 from trainer.precision import use_exact_fp32
 from trainer.stacked import StackedMetaSeq2Seq, clip_grad_norms_
 from trainer.checkpoint import claim_checkpoint
-from trainer.config import TrainConfig, check_checkpoint_target, check_config, with_store_episode_type
+from trainer.config import TrainConfig, check_checkpoint_target, check_config, recipe, with_store_episode_type
 from trainer.device import device_name, requested_device, resolve_device
 from trainer.metrics import score_episodes
 from trainer.runlog import RunLog, _fmt, crossed
@@ -218,6 +218,7 @@ def stack_summary(cfg: TrainConfig, members: list[Member], device: torch.device)
     rows = [("device", f"{members[0].session.provenance['device']}, threads {torch.get_num_threads()}"),
             ("stack", f"{len(members)} models (seeds {seeds}), each {cfg.batch_size} episode(s) per step"),
             ("episode type", members[0].cfg.episode_type),
+            ("recipe", recipe(cfg)),
             ("stores", ", ".join(sorted({str(m.cfg.store_path) for m in members}))),
             ("lr", f"{cfg.lr:g}, x0.1 every {cfg.lr_decay_schedule} episodes seen"),
             ("episodes", f"{cfg.num_episodes} per model, {start}"),
@@ -309,7 +310,7 @@ def stack_step(state: TrainState, batch, cfg: TrainConfig, episodes: int) -> tor
     decays_before = state.episodes_done // cfg.lr_decay_schedule
     state.episodes_done += episodes
     state.steps += 1
-    if cfg.reset_adam_at_decay and state.episodes_done // cfg.lr_decay_schedule > decays_before:
+    if not cfg.keep_adam_at_decay and state.episodes_done // cfg.lr_decay_schedule > decays_before:
         state.optimizer.state.clear()
     state.scheduler.step()
     return losses.detach().cpu()

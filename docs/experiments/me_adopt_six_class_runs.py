@@ -7,8 +7,8 @@ to -1e4 after init. Its checkpoints therefore say nothing of pad_in_softmax, and
 loads as a model with `<pad>` in its softmax (the old default). In effect they have none: exp(-1e4) is 0 in
 float32, so their losses, gradients and outputs are those of today's default, whose `<pad>` logit is -inf.
 This writes pad_in_softmax = False into each checkpoint's model and train config (atomically, nothing else
-changed), so that `cli.py train --resume` or `reproduce` continues them as runs of today's
-`--attend_query_padding`. It refuses a checkpoint whose `<pad>` bias is not the switch's.
+changed), so that `cli.py train --resume` or `reproduce` continues them as runs of the original's
+attention over the padded query steps. It refuses a checkpoint whose `<pad>` bias is not the switch's.
 """
 from __future__ import annotations
 

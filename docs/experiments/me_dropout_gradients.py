@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--masked_attention", action="store_true",
-                        help="our default decoder attention (the original attends over the padded query steps)")
+                        help="as --mask_query_padding: each query's own steps (the original attends over the padded ones)")
     parser.add_argument("--pad_in_softmax", action="store_true",
                         help="ours with <pad> as a class, as before issue 15 (the original has none)")
     args = parser.parse_args()
@@ -81,7 +81,7 @@ def main() -> None:
     encoder = original.MetaNetRNN(args.emb, n_in, n_out, eq.NLAYERS, args.dropout)
     decoder = original.AttnDecoderRNN(args.emb, n_out, eq.NLAYERS, args.dropout)
     model = MetaSeq2Seq(ModelConfig(n_in + 1, n_out + 1, emb_size=args.emb, nlayers=eq.NLAYERS, dropout=args.dropout,
-                                    attend_query_padding=not args.masked_attention,
+                                    mask_query_padding=args.masked_attention,
                                     pad_in_softmax=args.pad_in_softmax))
     eq.copy_original_weights(encoder, decoder, model)
     rng = random.Random(args.seed)
