@@ -182,7 +182,7 @@ def load_model(ckpt: dict, cfg: EvalConfig) -> Loaded:
 
 def prepare_split(name: str, loaded: Loaded, cfg: EvalConfig) -> SplitTask:
     if name == VALIDATION:
-        records = validation_records(loaded.checkpoint, cfg.store)
+        records = validation_records(loaded.checkpoint, cfg)
         episodes = [Episode(_items(r["support"]), _items(episode_queries(r, support_as_queries=True)))
                     for r in records]
         return SplitTask(name, episodes, episodic=True, records=records)
@@ -194,13 +194,13 @@ def prepare_split(name: str, loaded: Loaded, cfg: EvalConfig) -> SplitTask:
     queries = [(p.command, p.actions) for p in scan_test_pairs(name)]
     if split.support is not None:
         return SplitTask(name, [encoded(list(split.support), queries, loaded.tokenizer)], episodic=False)
-    return length_task(name, validation_records(loaded.checkpoint, cfg.store), queries, loaded.tokenizer)
+    return length_task(name, validation_records(loaded.checkpoint, cfg), queries, loaded.tokenizer)
 
 
 def drawn_validation_task(name: str, loaded: Loaded, cfg: EvalConfig) -> SplitTask:
     """`--val_episodes N`: N validation episodes drawn afresh (pipeline.store.draw_validation) on the pairings
     of the store's validation episodes, whose identifiers training never saw; scored as `validation` is."""
-    held = validation_records(loaded.checkpoint, cfg.store)
+    held = validation_records(loaded.checkpoint, cfg)
     records = draw_validation(loaded.checkpoint["episode_type"], held, cfg.val_episodes, cfg.val_seed)
     episodes = [Episode(_items(r["support"]), _items(episode_queries(r, support_as_queries=True))) for r in records]
     draw = {"n_episodes": cfg.val_episodes, "seed": cfg.val_seed, "rng": f"numpy default_rng({cfg.val_seed})",
@@ -246,14 +246,9 @@ def scan_file_task(path: str, support_spec: str, tokenizer: Tokenizer) -> SplitT
     return SplitTask(SCAN_FILE, [Episode(support, queries, support_ids, query_ids)], episodic=False, source=source)
 
 
-def validation_records(ckpt: dict, store_override: str | None) -> list[dict]:
+def validation_records(ckpt: dict, cfg: EvalConfig) -> list[dict]:
     """The validation episodes of the store the checkpoint was trained on, and only of that store."""
-    if not (store_override or ckpt.get("store")):
-        raise UserError("the checkpoint records no episode store; pass --store PATH")
-    store = Path(store_override or ckpt["store"])
-    if not (store / "manifest.json").is_file():
-        raise UserError(f"no episode store at {store} (the checkpoint was trained on {ckpt.get('store')}); "
-                        "pass --store PATH to point at it")
+    store = checkpoint_store(ckpt, cfg.checkpoint, cfg.store)
     check_validation_data(store, ckpt)
     expected = {e["name"]: e["sha256"] for e in load_manifest(store)["shards"]}
     paths = shard_paths(store, "val")
@@ -262,6 +257,34 @@ def validation_records(ckpt: dict, store_override: str | None) -> list[dict]:
             raise UserError(f"validation shard {path} is missing or damaged "
                             f"(run `python cli.py verify --store {store}`)")
     return read_records(paths)
+
+
+def checkpoint_store(ckpt: dict, checkpoint: str, override: str | None) -> Path:
+    """--store, else the store the checkpoint records. A relative record is relative to where training ran,
+    which the checkpoint's own place and its recorded --dir_model give, so it is found from any directory."""
+    if override:
+        candidates = [Path(override)]
+    elif ckpt.get("store"):
+        recorded, ran_in = Path(ckpt["store"]), training_directory(ckpt, checkpoint)
+        candidates = [recorded] + ([ran_in / recorded] if ran_in and not recorded.is_absolute() else [])
+    else:
+        raise UserError("the checkpoint records no episode store; pass --store PATH")
+    for store in candidates:
+        if (store / "manifest.json").is_file():
+            return store
+    tried = " nor at ".join(str(c) for c in candidates)
+    raise UserError(f"no episode store at {tried} (the checkpoint was trained on {ckpt.get('store')}); "
+                    "pass --store PATH to point at it")
+
+
+def training_directory(ckpt: dict, checkpoint: str) -> Path | None:
+    """The directory `train` ran in, while the checkpoint lies where its relative --dir_model put it."""
+    dir_model = Path(str(ckpt.get("train_config", {}).get("dir_model") or "."))
+    folder = Path(checkpoint).resolve().parent
+    depth = len(folder.parts) - len(dir_model.parts)
+    if dir_model.is_absolute() or folder.parts[depth:] != dir_model.parts:
+        return None
+    return Path(*folder.parts[:depth])
 
 
 def check_validation_data(store: Path, ckpt: dict) -> None:

@@ -384,6 +384,26 @@ def test_store_missing(capsys, me_checkpoint, tmp_path):
     assert_one_error_line(code, err, "no episode store", "--store")
 
 
+def test_a_relative_store_is_found_from_any_directory(capsys, monkeypatch, tmp_path):
+    # Trained with relative paths, as `cli.py train --dir_model ck` writes them; then evaluated from elsewhere,
+    # and again after the whole tree has moved.
+    ran_in = tmp_path / "project"
+    ran_in.mkdir()
+    monkeypatch.chdir(ran_in)
+    train(TrainConfig(episode_type="ME", num_episodes=8, batch_size=8, emb_size=16, workers=0, progress=False,
+                      dir_model="ck"))
+    assert load_checkpoint(ran_in / "ck" / "net_ME.pt")["store"] == "shards/ME"
+    monkeypatch.chdir(tmp_path)
+    for moved in (False, True):
+        root = shutil.move(ran_in, tmp_path / "moved") if moved else ran_in
+        code = run_cli(cli, ["eval", "--checkpoint", str(Path(root) / "ck" / "net_ME.pt"), "--out", "report"])
+        assert code == 0, capsys.readouterr().err
+        assert json.loads((tmp_path / "report" / "results.json").read_text())["splits"]["validation"]["n"] > 0
+    shutil.rmtree(tmp_path / "moved" / "shards")
+    code, err = invoke(capsys, "--checkpoint", str(tmp_path / "moved" / "ck" / "net_ME.pt"))
+    assert_one_error_line(code, err, "no episode store at shards/ME nor at " + str(tmp_path / "moved" / "shards"))
+
+
 def with_val_hashes(checkpoint: Path, path: Path, hashes: bool) -> Path:
     """A copy of the checkpoint with the validation shard hashes of its store (as `train` writes them
     now), or without them (as checkpoints written before that have it)."""
