@@ -455,8 +455,18 @@ def test_gpu_and_device_that_disagree_are_one_line(store, tmp_path, capsys, flag
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("flags", [["--gpu", "0"], ["--device", "cuda:0"], ["--gpu", "0", "--device", "cuda"]])
-def test_gpu_without_cuda_is_one_line(store, tmp_path, capsys, flags):
+def test_gpu_alone_without_cuda_trains_on_the_cpu_with_one_warning(store, tmp_path, capsys):
+    code = run_cli(cli, ["train", "--store", str(store), "--dir_model", str(tmp_path / "m"), "--gpu", "0",
+                         "--num_episodes", "16", *CLI_TINY])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.splitlines() == ["warning: --gpu 0 asked for, but no CUDA device is available: training on the CPU"]
+    assert load_checkpoint(tmp_path / "m" / "net_ME.pt")["provenance"]["device"].startswith("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("flags", [["--device", "cuda:0"], ["--gpu", "0", "--device", "cuda"]])
+def test_cuda_asked_for_without_cuda_is_one_line(store, tmp_path, capsys, flags):
     code = run_cli(cli, ["train", "--store", str(store), "--dir_model", str(tmp_path / "m"), *flags, *CLI_TINY])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "no CUDA device is available" in err, err

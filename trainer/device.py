@@ -1,6 +1,8 @@
 """Which device a run trains on, and how it is named in a run's summary and provenance."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from pipeline import provenance
@@ -8,13 +10,19 @@ from pipeline.errors import UserError
 
 
 def requested_device(device: str, gpu: int | None) -> str:
-    """--device and the original code's --gpu N (--device cuda:N) as one device name; one line if they disagree."""
+    """--device and the original code's --gpu N (--device cuda:N) as one device name; one line if they disagree.
+    --gpu alone on a machine without CUDA trains on the CPU, with a warning, as the original does."""
     if gpu is None:
         return device
     if device not in ("auto", "cuda", f"cuda:{gpu}"):
         raise UserError(f"--gpu {gpu} conflicts with --device {device}: give one of them")
     if not torch.cuda.is_available():
-        raise UserError(f"--gpu {gpu} asked for, but no CUDA device is available")
+        if device != "auto":
+            raise UserError(f"--gpu {gpu} --device {device} asked for, but no CUDA device is available")
+        # As the original's train.py, whose --gpu 0 is a default that a machine without a GPU ignores.
+        print(f"warning: --gpu {gpu} asked for, but no CUDA device is available: training on the CPU",
+              file=sys.stderr, flush=True)
+        return "cpu"
     return f"cuda:{gpu}"
 
 
