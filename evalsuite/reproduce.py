@@ -16,6 +16,7 @@ trained ones, so nothing is lost and nothing is done twice. The aggregate (aggre
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from evalsuite.aggregate import (METRIC_LABELS, RUN_RECORD, VAL_RETRIEVAL, Run, aggregate_grid,
                                  format_duration, run_metrics)
 from evalsuite.report import RESULTS_NAME
@@ -38,8 +41,7 @@ from pipeline.samplers import EPISODE_TYPES
 from pipeline.shardio import check_writable_dir, file_sha256, write_bytes_atomically
 from pipeline.threads import usable_cores
 from trainer.checkpoint import load_checkpoint
-from trainer.config import PASS_THROUGH, RUN_KEYS, TrainConfig
-from trainer.train_stack import SEED_FIELD
+from trainer.config import PASS_THROUGH, RUN_KEYS, SEED_FIELD, TrainConfig
 
 # The paper's ablations, as flags of `cli.py train`.
 VARIANT_FLAGS = {  # keys in the order of aggregate.VARIANTS
@@ -477,6 +479,9 @@ def last_line(log: Path) -> str:
 
 
 def describe(record: RunRecord, cfg: ReproduceConfig, run: Run) -> str:
+    if record.status == "interrupted":  # train's own advice (--resume) is for a train of one's own
+        cause = (record.error or "").split("; continue with --resume")[0]
+        return f"INTERRUPTED: {cause}; the same reproduce command resumes it".replace(": ;", ":")
     if record.status != "done":
         return f"{record.status.upper()}: {record.error or ''}".rstrip(": ")
     results = json.loads((run.eval_dir(cfg.out) / RESULTS_NAME).read_text())
@@ -488,7 +493,36 @@ def describe(record: RunRecord, cfg: ReproduceConfig, run: Run) -> str:
 
 def reproduce(cfg: ReproduceConfig, say=print) -> dict | None:
     """Run the grid (what is not done yet), then aggregate it into OUT/results.{json,md,png}. With --launcher
-    slurm and --no_wait, returns None once the jobs are submitted: the same command aggregates them later."""
+    slurm and --no_wait, returns None once the jobs are submitted: the same command aggregates them later.
+    One reproduce at a time per grid folder; a grid with a failed run ends in an error, after its aggregate."""
+    with claim_grid(cfg.out):
+        summary = run_grid(cfg, say)
+    if summary is None:  # submitted, not waited for
+        return None
+    failed = [run.name for run in grid_runs(cfg) if RunRecord.load(cfg, run).status == "failed"]
+    if failed:
+        raise UserError(f"{len(failed)} run(s) of the grid failed: {', '.join(failed)} (see each run's "
+                        "train.log or eval.log; the same command retries them)")
+    return summary
+
+
+@contextlib.contextmanager
+def claim_grid(out: str):
+    """Hold OUT/.reproduce.lock while the grid runs: a second reproduce on the same folder fails at once."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(Path(out) / ".reproduce.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"another reproduce is running on {out} (it holds {lock.lock_file}): wait for it to "
+                        "end, or give another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def run_grid(cfg: ReproduceConfig, say) -> dict | None:
     runs = grid_runs(cfg)
     states = check_runs(cfg, runs)
     todo = [r for r in runs if states[r].status != "done"]

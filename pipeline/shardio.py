@@ -97,6 +97,11 @@ def write_atomically(path: Path, write_to):
             raw.flush()
             os.fsync(raw.fileno())  # the data is on disk before the name says it is complete
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None:  # a failed write (a full disk) names no file: say which one it was
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -217,6 +217,26 @@ def test_a_bad_grid_is_one_line_before_any_work(tmp_path, args, message):
     assert not out.exists()
 
 
+def test_a_second_reproduce_on_the_same_folder_fails_at_once(tmp_path):
+    from filelock import FileLock
+    with FileLock(tmp_path / ".reproduce.lock"):  # as a running reproduce holds it
+        result = reproduce(tmp_path, "--experiments", "ME", *TINY)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: another reproduce is running on {tmp_path}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".reproduce.lock"]  # nothing else was started
+
+
+@pytest.mark.slow
+def test_a_grid_with_a_failed_run_ends_in_one_error_line_after_its_aggregate(tmp_path):
+    (Run("ME", "full", 1).checkpoint(tmp_path)).mkdir(parents=True)  # train refuses to write over it
+    result = reproduce(tmp_path, "--experiments", "ME", "--seeds", "0,1", "--separate", *TINY)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.startswith("error: 1 run(s) of the grid failed: ME/full/seed1 ")
+    assert result.stderr.count("\n") == 1
+    assert "ME/full/seed1: failed" in (tmp_path / "results.md").read_text()
+    assert json.loads((Run("ME", "full", 0).dir(tmp_path) / "run.json").read_text())["status"] == "done"
+
+
 @pytest.mark.slow
 def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
     """Seed 0 finishes; seed 1 is interrupted mid-training; the same command then finishes only seed 1, from its
@@ -236,6 +256,7 @@ def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
     grid.send_signal(signal.SIGINT)
     stdout, stderr = grid.communicate(timeout=120)
     assert grid.returncode == 130, stderr
+    assert "with every episode trained; the same reproduce command resumes it" in stdout
     interrupted_at = torch.load(second.checkpoint(tmp_path), weights_only=True)["episodes_done"]
     assert 0 < interrupted_at < 1600, "the run finished before the interrupt: make it longer"
     assert json.loads((second.dir(tmp_path) / "run.json").read_text())["status"] == "interrupted"

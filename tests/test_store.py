@@ -520,3 +520,19 @@ def test_corrupt_tar_header_is_reported(store_copy):
     assert any(p.startswith("val-000000.tar:") and ("unreadable" in p or "holds 0" in p) for p in problems)
     with pytest.raises(tarfile.TarError):
         list(read_shard(store_copy / "val-000000.tar"))
+
+
+def test_a_failed_write_names_its_file_and_leaves_no_temp_file(tmp_path):
+    # A full disk fails inside write(), with no file name in the error: the error must say which file it was.
+    import errno
+
+    from pipeline.shardio import write_atomically
+
+    def full_disk(raw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "net_ME.pt"
+    with pytest.raises(OSError) as failure:
+        write_atomically(target, full_disk)
+    assert failure.value.errno == errno.ENOSPC and failure.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []

@@ -157,6 +157,8 @@ def test_tests_run_outside_the_checkout():
                  marks=pytest.mark.slow),
     pytest.param(lambda store, tmp: ["--episode_type", "scan_jump", "--store", str(tmp / "ME")], "choose one of: ME",
                  marks=pytest.mark.slow),
+    pytest.param(lambda store, tmp: ["--store", str(store), "--lr", "-1"], "error: --lr must be positive, got -1.0",
+                 marks=pytest.mark.slow),
 ])
 def test_train_bad_input_is_one_line(me_store, tmp_path, make_bad, message):
     result = run_cli("train", "--episode_type", "ME", "--emb_size", "16", "--num_episodes", "16",

@@ -20,6 +20,7 @@ from pipeline.samplers import get_sampler
 PAPER_LR, BATCHED_LR = 1e-3, 2e-3
 PAPER_BATCH_SIZE = 1
 DEFAULT_EPISODE_TYPE = "ME"      # when neither --episode_type nor --store is given
+SEED_FIELD = "{seed}"            # in --store of a stack: each model's own store, e.g. runs/stores/seed{seed}/ME
 # What a checkpoint written before a setting existed was trained with.
 LEGACY_SETTINGS = {"mask_query_padding": True, "keep_adam_at_decay": True, "pad_in_softmax": True}
 # Settings that earlier checkpoints record under another name, with the opposite meaning.
@@ -185,8 +186,10 @@ def check_config(cfg: TrainConfig, world_size: int, device_type: str) -> None:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.lr <= 0 or cfg.workers < 0:
-        raise UserError("--lr must be positive and --workers non-negative")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.workers < 0:
+        raise UserError(f"--workers must be non-negative, got {cfg.workers}")
     if cfg.batch_size % world_size:
         raise UserError(f"--batch_size {cfg.batch_size} must divide evenly over {world_size} processes: to train "
                         f"several models, give --seeds (each process trains its share, one episode per step "

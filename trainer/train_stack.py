@@ -30,7 +30,7 @@ from trainer.model import evaluating, strip_decoded
 from trainer.precision import use_exact_fp32
 from trainer.stacked import StackedMetaSeq2Seq, clip_grad_norms_
 from trainer.checkpoint import claim_checkpoint
-from trainer.config import TrainConfig, check_checkpoint_target, check_config, recipe, with_store_episode_type
+from trainer.config import SEED_FIELD, TrainConfig, check_checkpoint_target, check_config, recipe, with_store_episode_type
 from trainer.device import device_name, requested_device, resolve_device
 from trainer.metrics import score_episodes
 from trainer.runlog import RunLog, _fmt, crossed
@@ -39,7 +39,6 @@ from trainer.state import Session, TrainState, build_state, checkpoint_payload, 
 from trainer.stores import prepare_store, train_shards
 from trainer.train import advance_position, resumed_batches
 
-SEED_FIELD = "{seed}"  # in --store: each model's own store, e.g. runs/stores/seed{seed}/ME
 
 
 def member_config(cfg: TrainConfig, seed: int) -> TrainConfig:
