@@ -30,7 +30,7 @@ def _apply_thread_policy(ctx: click.Context, param: click.Parameter, value: int 
 threads_option = click.option(
     "--threads", type=click.IntRange(min=1), default=None, expose_value=False, callback=_apply_thread_policy,
     help="CPU threads for torch, fixed.  [default: $OMP_NUM_THREADS, else adapted to the load: the cores "
-         "other processes leave free, followed during training]")
+         "other processes leave free when it starts; a resumed run keeps the count it was trained with]")
 
 
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:

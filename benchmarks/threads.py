@@ -15,8 +15,8 @@ Conditions:
   busy_niced  the same, with the measured process at nice 15: a polite job on a shared machine (issue 8's
               case: 0.8 episodes/s with libgomp's default waiting, 20.8 with one thread).
   busy_later  the competing process starts after the measured one has started and warmed up on a quiet
-              machine, just before the timed steps: the adaptive default chose the quiet setting and must
-              follow the load (pipeline.threads.LoadFollower, polled after every step as train does).
+              machine, just before the timed steps: the adaptive default chose the quiet setting, and a run
+              keeps its thread count to its end (its rounding depends on it), as train does.
 Settings: "default" (what pipeline.threads picks when no OMP_* variable is set: the adaptive policy, which
 measures the other processes' load as it starts; its choice is in the JSON), one thread, and all usable
 cores with the short spin (GOMP_SPINCOUNT=1000, the fixed policy before the adaptive one), with libgomp's own
@@ -105,7 +105,6 @@ def run_child(args) -> None:
             yield from make_loader(StreamConfig(shards, cfg.batch_size, tokenizer, epoch=epoch, workers=cfg.workers))
 
     stream, loss = batches(), (lambda b: state.model.loss(b))
-    follower = threads.LoadFollower(torch.set_num_threads)  # as train's loop: a no-op unless adaptive
     for _ in range(3):
         train_step(state, loss, next(stream)[1], cfg)
     with competing_job(10 * args.seconds + 60) if args.busy_later else contextlib.nullcontext():
@@ -113,7 +112,6 @@ def run_child(args) -> None:
         while steps < 2 or time.perf_counter() - start < args.seconds:
             keys, batch = next(stream)
             train_step(state, loss, batch, cfg)
-            follower.poll()
             steps, episodes = steps + 1, episodes + len(keys)
         seconds = time.perf_counter() - start
     print(json.dumps({"episodes_per_s": round(episodes / seconds, 2), "steps": steps, "batch_size": cfg.batch_size,

@@ -16,8 +16,9 @@ When the user sets none of these, the policy adapts to the load (`adaptive`): it
 quarter of a second and counts the cores that other processes keep busy. On a quiet machine it takes every
 core with libgomp's long spin (the fastest setting there: it keeps the second thread hot between the many
 small LSTM-step products); beside busy processes it takes the cores they leave free, at least one, with the
-short spin (the fastest setting there). `LoadFollower` keeps that choice up to date during a long command
-by changing torch's thread count (the wait setting is fixed once torch has loaded).
+short spin (the fastest setting there). A training run keeps its thread count from start to end, since the
+count changes how its products round: a resumed run takes the count it was trained with (`keep_for_run`),
+so it is bitwise its uninterrupted twin, and the policy adapts only between runs.
 
 This module never imports torch: the pipeline stage does not need it, and importing it here would be too
 early for the settings above.
@@ -38,10 +39,6 @@ CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 PROC_STAT = Path("/proc/stat")
 LOAD_SAMPLE_SECONDS = 0.25
 BUSY_CORE = 0.5             # other processes using at least half a core take that core
-# How often a long command looks at the load again. Reading /proc/stat costs microseconds; a competing job
-# that arrives while libgomp's long spin is on slows training several times over until the next look
-# (benchmarks/threads.py, condition busy_later: 2.1x over a 12 s window when this was 10 s).
-FOLLOW_SECONDS = 2.0
 
 _applied: dict = {}
 
@@ -194,28 +191,10 @@ def free_cores(cores: int, others_busy: float, cpus: int | None = None) -> int:
     return max(1, min(cores, cpus - int(others_busy + BUSY_CORE)))
 
 
-class LoadFollower:
-    """Keeps an adaptive policy adapted during a long command: at most every `every` seconds, `poll()` sets
-    the threads to the cores the other processes left free since the last poll. Does nothing when the user
-    fixed the threads (--threads, OMP_NUM_THREADS) or the wait policy."""
-
-    def __init__(self, set_threads, every: float = FOLLOW_SECONDS):
-        self.set_threads, self.every = set_threads, every
-        self.cores, self.cpus = usable_cores(), _cpus()
-        self.threads = _applied.get("threads", self.cores)
-        self.last = load_sample(self.cpus) if _applied.get("adaptive") else None  # None: never polls
-
-    def poll(self) -> int | None:
-        """The new thread count when it changed, else None."""
-        if self.last is None or time.monotonic() - self.last.wall < self.every:
-            return None
-        now = load_sample(self.cpus)
-        if now is None:
-            return None
-        wanted = free_cores(self.cores, others_between(self.last, now, len(self.cpus)), len(self.cpus))
-        self.last = now
-        if wanted == self.threads:
-            return None
-        self.threads = wanted
-        self.set_threads(wanted)
-        return wanted
+def keep_for_run(trained_with: int | None, set_threads) -> int:
+    """The thread count for a resumed run: under the adaptive policy, the count it was trained with (its
+    checkpoint's), so that its products round as before; a count the user fixed stays. Returns the count."""
+    if _applied.get("adaptive") and trained_with:
+        set_threads(trained_with)
+        _applied.update(threads=trained_with, kept_from_checkpoint=True)
+    return _applied.get("threads", trained_with or usable_cores())

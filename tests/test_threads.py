@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli import cli, run_cli
 from pipeline import threads
@@ -141,23 +142,39 @@ def test_others_busy_sees_a_busy_process_and_not_this_one():
     assert with_spinner >= min(own + 0.5, len(threads._cpus())) - 0.4
 
 
-def test_load_follower_gives_up_a_core_and_takes_it_back(monkeypatch):
-    monkeypatch.setattr(threads, "_applied", {"adaptive": True, "threads": 2})
-    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
-    monkeypatch.setattr(threads, "_cpus", lambda: {0, 1})
-    tick = os.sysconf("SC_CLK_TCK")
-    samples = iter([threads.LoadSample(0, 0.0, 0.0),              # the follower starts
-                    threads.LoadSample(18 * tick, 8.0, 10.0),     # 10 s: 18 busy core-seconds, 8 ours: 1 other core
-                    threads.LoadSample(27 * tick, 17.0, 20.0)])   # 10 s: 9 busy, all ours: alone again
-    monkeypatch.setattr(threads, "load_sample", lambda cpus: next(samples))
-    clock = iter([10.0, 20.0, 25.0])  # the third poll comes 5 s after the second: too soon to look
-    monkeypatch.setattr(threads.time, "monotonic", lambda: next(clock))
+def test_a_resumed_run_keeps_the_count_it_was_trained_with_unless_the_user_fixed_one(monkeypatch):
     calls = []
-    follower = threads.LoadFollower(calls.append, every=10.0)
-    assert follower.poll() == 1 and follower.poll() == 2 and follower.poll() is None
-    assert calls == [1, 2]
+    monkeypatch.setattr(threads, "_applied", {"adaptive": True, "threads": 2})
+    assert threads.keep_for_run(1, calls.append) == 1 and calls == [1]
+    assert threads.applied()["kept_from_checkpoint"] is True
+    assert threads.keep_for_run(None, calls.append) == 1 and calls == [1]  # a checkpoint that records none
     monkeypatch.setattr(threads, "_applied", {"adaptive": False, "threads": 2})
-    assert threads.LoadFollower(calls.append).poll() is None  # the user fixed the threads: never changed
+    assert threads.keep_for_run(1, calls.append) == 2 and calls == [1]     # --threads 2: the user's count
+
+
+def test_a_run_resumed_under_the_adaptive_policy_is_bitwise_its_uninterrupted_twin(monkeypatch, tmp_path):
+    from pipeline import store as episode_store
+    from trainer.checkpoint import load_checkpoint
+    from trainer.config import TrainConfig
+    from trainer.train import train
+    store = episode_store.generate(episode_store.GenerateConfig(
+        "ME", num_episodes=64, shard_size=32, out=str(tmp_path / "store"), progress=False, workers=1))
+    tiny = dict(store=str(store), emb_size=16, nlayers=1, batch_size=4, num_episodes=32, val_every=8,
+                progress=False, workers=0)
+    monkeypatch.setattr(threads, "_applied", {"adaptive": True, "threads": 1, "others_busy": 0.0})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train(TrainConfig(dir_model=str(tmp_path / "whole"), **tiny))
+        train(TrainConfig(dir_model=str(tmp_path / "resumed"), stop_after=16, **tiny))
+        torch.set_num_threads(2)  # the load changed: the adaptive policy would now take both cores
+        train(TrainConfig(dir_model=str(tmp_path / "resumed"), resume=True, **tiny))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    whole, resumed = (load_checkpoint(tmp_path / d / "net_ME.pt") for d in ("whole", "resumed"))
+    assert whole["threads"] == resumed["threads"] == 1 and resumed["episodes_done"] == 32
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
 
 
 @pytest.mark.slow

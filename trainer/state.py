@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline import store as episode_store
+from pipeline import store as episode_store, threads
 from pipeline.errors import UserError
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -84,6 +84,7 @@ def restore(state: TrainState, cfg: TrainConfig, manifest_hash: str, world_size:
     state.batches, state.partial = position["batches"], position.get("partial", 0)
     state.steps = ckpt.get("steps", position["batches"])  # checkpoints before "steps": one batch per step
     state.history = [*ckpt.get("provenance_history", []), *([ckpt["provenance"]] if "provenance" in ckpt else [])]
+    threads.keep_for_run(ckpt.get("threads"), torch.set_num_threads)  # so that its products round as before
     torch.set_rng_state(ckpt["rng"]["torch"])
     if torch.cuda.is_available() and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
@@ -114,7 +115,7 @@ def checkpoint_payload(state: TrainState, session: Session) -> dict:
         "store": str(cfg.store_path), "manifest_sha256": session.manifest_hash,
         "val_shards_sha256": episode_store.val_shards_sha256(manifest),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if on_cuda else None},
-        "val": state.last_val,
+        "val": state.last_val, "threads": torch.get_num_threads(),
         "provenance": session.provenance, "provenance_history": state.history,
     }
 

@@ -157,9 +157,10 @@ def finished_already(state: TrainState, session: Session) -> dict:
 def thread_summary() -> str:
     policy = threads.applied()
     text = f"{torch.get_num_threads()}, GOMP_SPINCOUNT={policy.get('spincount')}"
-    if policy.get("adaptive"):
-        text += f" (adaptive: other processes kept {policy['others_busy']} cores busy; "
-        text += f"followed every {threads.FOLLOW_SECONDS:g} s)"
+    if policy.get("kept_from_checkpoint"):
+        text += " (the count this run was trained with, kept for the whole run)"
+    elif policy.get("adaptive"):
+        text += f" (adaptive: other processes kept {policy['others_busy']} cores busy; kept for the whole run)"
     return text
 
 
@@ -212,7 +213,6 @@ def _steps(state: TrainState, session: Session, loss_module, batches, validation
     by all processes); returns (stopped by request, episode count last saved)."""
     cfg, ctx, device = session.cfg, session.ctx, session.device
     losses, window_start, window_episodes = [], time.perf_counter(), 0
-    follower = threads.LoadFollower(torch.set_num_threads)  # a no-op unless the thread policy is adaptive
     while state.episodes_done < target:
         keys, batch, offset = next(batches, (None, None, 0))
         total, smallest, stopping = distributed.step_totals(ctx, len(keys) if keys else 0, stop.requested, device)
@@ -224,7 +224,6 @@ def _steps(state: TrainState, session: Session, loss_module, batches, validation
         before = state.episodes_done
         losses.append(train_step(state, loss_module, batch.to(device, non_blocking=True), cfg, episodes=used))
         advance_position(state, offset, used, len(keys), ctx.active)
-        follower.poll()
         window_episodes += used
         bar.update(used)
         if crossed(before, state.episodes_done, cfg.val_every) or state.episodes_done >= target:

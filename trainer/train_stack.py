@@ -267,7 +267,6 @@ def _stack_loop(cfg: TrainConfig, state: TrainState, members: list[Member], devi
 def _stack_steps(cfg, state: TrainState, members: list[Member], batches, tokenizer, device, stop, bar, target,
                  saved_at):
     losses, window_start, window_episodes = [], time.perf_counter(), 0
-    follower = threads.LoadFollower(torch.set_num_threads)
     M = len(members)
     while state.episodes_done < target and not stop.requested:
         keys, batch, offset = next(batches, (None, None, 0))
@@ -280,7 +279,6 @@ def _stack_steps(cfg, state: TrainState, members: list[Member], batches, tokeniz
         before = state.episodes_done
         losses.append(stack_step(state, batch.to(device, non_blocking=True), cfg, used))
         advance_position(state, offset, used, available, False)
-        follower.poll()
         window_episodes += used * M
         bar.update(used)
         if crossed(before, state.episodes_done, cfg.val_every) or state.episodes_done >= target:
