@@ -313,10 +313,16 @@ def _os_error_text(err: OSError) -> str:
     return f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
 
 
+def program_name(args: list[str] | None) -> str:
+    """How usage lines name the program: `metaseq2seq` as installed, `cli.py` in a checkout (and in-process)."""
+    invoked = Path(sys.argv[0]).name if args is None else ""
+    return "metaseq2seq" if invoked == "metaseq2seq" else "cli.py"
+
+
 def run_cli(group: click.Group, args: list[str] | None = None) -> int:
     """Run `group` and turn every expected failure into one `error:` line; returns the exit code."""
     try:
-        result = group.main(args=args, prog_name="cli.py", standalone_mode=False)
+        result = group.main(args=args, prog_name=program_name(args), standalone_mode=False)
     except click.ClickException as err:  # bad flags: click's one-line message, without its usage block
         click.echo(f"error: {_one_line(err.format_message())}", err=True)
         return err.exit_code

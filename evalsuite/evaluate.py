@@ -255,7 +255,7 @@ def validation_records(ckpt: dict, cfg: EvalConfig) -> list[dict]:
     for path in paths:
         if not path.is_file() or file_sha256(path) != expected[path.name]:
             raise UserError(f"validation shard {path} is missing or damaged "
-                            f"(run `python cli.py verify --store {store}`)")
+                            f"(run `metaseq2seq verify --store {store}`)")
     return read_records(paths)
 
 

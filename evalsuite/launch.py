@@ -25,7 +25,8 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from pipeline.shardio import write_bytes_atomically
 from evalsuite.aggregate import Run
-from evalsuite.reproduce import (ROOT, Grid, Job, ReproduceConfig, RunRecord, check_runs, plan_jobs, report)
+from evalsuite.reproduce import (Grid, Job, ReproduceConfig, RunRecord, check_runs, importable_path, plan_jobs,
+                                 report)
 
 POLL_S = {"local": 1.0, "slurm": 15.0}  # how often the waiting `reproduce` looks at the jobs
 SUBMITTED = "submitted.json"  # in the submitit folder: {job name: job id} of every job this grid submitted
@@ -100,7 +101,7 @@ def forward_preemption() -> None:
 
 def make_executor(cfg: ReproduceConfig) -> submitit.AutoExecutor:
     # The job unpickles GridJob on the node: the repository must be importable there, wherever it runs from.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    os.environ["PYTHONPATH"] = importable_path()
     executor = submitit.AutoExecutor(folder=cfg.slurm_path, cluster=cfg.slurm_cluster)
     executor.update_parameters(
         name="metaseq2seq", timeout_min=cfg.time, gpus_per_node=cfg.gpus_per_job, cpus_per_task=cfg.cpus_per_job,

@@ -54,7 +54,7 @@ VARIANT_FLAGS = {  # keys in the order of aggregate.VARIANTS
 # passes through when given) are tags on TrainConfig's fields (trainer/config.py).
 EXIT_INTERRUPTED = 130
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"  # an attempt's start, local time
-ROOT = Path(__file__).resolve().parent.parent  # where `python -m cli` runs
+ROOT = Path(__file__).resolve().parent.parent  # where `python -m cli` imports from (a checkout, or site-packages)
 LAUNCHERS = ("local", "slurm")
 SUBMITIT_CLUSTER_ENV = "METASEQ2SEQ_SUBMITIT_CLUSTER"  # the tests' hook: "local" (see ReproduceConfig.slurm_cluster)
 SLURM_OPTIONS = ("partition", "time", "gpus_per_job", "cpus_per_job", "slurm_extra", "no_wait", "slurm_folder")
@@ -413,12 +413,14 @@ class Grid:
         return attempt
 
     def run_child(self, command: list[str], log_path: Path) -> int:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        """The step runs where reproduce was started (the grid's paths are relative to it), importing this copy
+        of the project."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": importable_path()}
         with open(log_path, "a") as log:
             log.write(f"$ {' '.join(command)}\n")
             log.flush()
             child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=ROOT, start_new_session=self.own_sessions)
+                                     start_new_session=self.own_sessions)
             with self.lock:
                 self.children.add(child)
             code = child.wait()
@@ -471,6 +473,11 @@ class Grid:
             for child in self.children:
                 if child.poll() is None:
                     child.send_signal(signal.SIGINT)  # train checkpoints at the end of its step and exits 130
+
+
+def importable_path() -> str:
+    """PYTHONPATH with this project's root first, so that `python -m cli` runs this copy from any directory."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 def last_line(log: Path) -> str:

@@ -170,7 +170,7 @@ def with_store_episode_type(cfg: TrainConfig) -> TrainConfig:
     stored = episode_store.load_manifest(cfg.store).get("episode_type")
     if not isinstance(stored, str):
         raise UserError(f"store {cfg.store} fails verification: its manifest names no episode type "
-                        f"(run `python cli.py verify --store {cfg.store}`)")
+                        f"(run `metaseq2seq verify --store {cfg.store}`)")
     if cfg.episode_type not in (None, stored):
         raise UserError(f"--episode_type {cfg.episode_type} conflicts with the store {cfg.store}, which holds "
                         f"{stored} episodes: leave --episode_type out, or choose another --store")

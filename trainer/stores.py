@@ -37,7 +37,7 @@ def prepare_store(cfg: TrainConfig, ctx: distributed.DistContext) -> dict:
     problems = episode_store.verify_store(path)
     if problems:
         raise UserError(f"store {path} fails verification: {problems[0]} "
-                        f"(run `python cli.py verify --store {shlex.quote(str(path))}`)")
+                        f"(run `metaseq2seq verify --store {shlex.quote(str(path))}`)")
     manifest = episode_store.load_manifest(path)
     if manifest["episode_type"] != cfg.episode_type:
         raise UserError(f"store {path} holds {manifest['episode_type']} episodes, not {cfg.episode_type}")
