@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evalsuite.report import RESULTS_NAME
-from evalsuite.splits import PAPER_NUMBERS, SCAN_TEST_SPLITS, TYPE_SPLITS, VALIDATION
+from evalsuite.splits import PAPER_NUMBERS, SCAN_TEST_SPLITS, VALIDATION, type_splits
 from pipeline import provenance
 from pipeline.samplers import EPISODE_TYPES
 from pipeline.shardio import write_bytes_atomically
@@ -58,7 +58,10 @@ class Run:
         return self.dir(out) / "eval"
 
     def sort_key(self) -> tuple:
-        return EPISODE_TYPES.index(self.experiment), VARIANTS.index(self.variant), self.seed
+        """The paper's types in its order, then families of one's own by name."""
+        built_in = self.experiment in EPISODE_TYPES
+        return (not built_in, EPISODE_TYPES.index(self.experiment) if built_in else self.experiment,
+                VARIANTS.index(self.variant), self.seed)
 
 
 def runs_in(out: Path) -> list[Run]:
@@ -66,13 +69,13 @@ def runs_in(out: Path) -> list[Run]:
     found = []
     for path in Path(out).glob(f"*/*/seed*/{RUN_RECORD}"):
         experiment, variant, seed = path.parts[-4], path.parts[-3], path.parts[-2][len("seed"):]
-        if experiment in EPISODE_TYPES and variant in VARIANTS and seed.isdigit():
+        if (experiment in EPISODE_TYPES or ":" in experiment) and variant in VARIANTS and seed.isdigit():
             found.append(Run(experiment, variant, int(seed)))
     return found
 
 
 def scan_test_split(experiment: str) -> str | None:
-    return next((s for s in TYPE_SPLITS[experiment] if s != VALIDATION), None)
+    return next((s for s in type_splits(experiment) if s != VALIDATION), None)
 
 
 def run_metrics(results: dict) -> dict[str, float | None]:

@@ -37,7 +37,8 @@ from evalsuite.aggregate import (METRIC_LABELS, RUN_RECORD, VAL_RETRIEVAL, Run, 
 from evalsuite.report import RESULTS_NAME
 from pipeline import store as episode_store
 from pipeline.errors import UserError
-from pipeline.samplers import EPISODE_TYPES
+from pipeline.families import is_family_name
+from pipeline.samplers import EPISODE_TYPES, get_sampler
 from pipeline.shardio import check_writable_dir, file_sha256, write_bytes_atomically
 from pipeline.threads import usable_cores
 from trainer.checkpoint import load_checkpoint
@@ -126,10 +127,13 @@ class ReproduceConfig:
 def check_grid(cfg: ReproduceConfig) -> None:
     """Every mistake in the grid is one line, before any work."""
     for name, given, known in (("experiment", cfg.experiments, EPISODE_TYPES), ("variant", cfg.variants, VARIANT_FLAGS)):
-        unknown = [x for x in given if x not in known]
+        unknown = [x for x in given if x not in known and not (name == "experiment" and is_family_name(x))]
         if unknown or not given:
             raise UserError(f"unknown {name} {unknown[0] if unknown else '(none given)'!r}; choose from: "
-                            f"{', '.join(known)}")
+                            f"{', '.join(known)}" + (", or a family of your own as module:attribute"
+                                                     if name == "experiment" else ""))
+    for experiment in cfg.experiments:
+        get_sampler(experiment)  # a family that cannot be loaded is one line, before any work
     if not cfg.seeds or any(not isinstance(s, int) or s < 0 for s in cfg.seeds):
         raise UserError(f"--seeds must be non-negative integers, got {cfg.seeds!r}")
     if len(set(cfg.seeds)) != len(cfg.seeds):

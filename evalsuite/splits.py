@@ -68,11 +68,14 @@ TYPE_SPLITS = {
 }
 
 
+def type_splits(episode_type: str) -> tuple[str, ...]:
+    """The splits of an episode type: a family of one's own has its validation episodes (and --scan_file)."""
+    return TYPE_SPLITS.get(episode_type, (VALIDATION,))
+
+
 def splits_for(episode_type: str, requested: str | None) -> tuple[str, ...]:
     """The splits to evaluate a checkpoint of `episode_type` on; a split that does not fit is an error."""
-    if episode_type not in TYPE_SPLITS:
-        raise UserError(f"the checkpoint's episode type {episode_type!r} has no evaluation splits")
-    allowed = TYPE_SPLITS[episode_type]
+    allowed = type_splits(episode_type)
     if requested is None:
         return allowed
     if requested not in allowed:

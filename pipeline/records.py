@@ -66,8 +66,8 @@ def _header_problems(record: dict, key: str, expected: dict) -> list[str]:
 
 
 def _pair_list_problems(items, field: str, names: tuple[str, str]) -> list[str]:
-    if not isinstance(items, list) or not items:
-        return [f"{field} is not a non-empty list"]
+    if not isinstance(items, list) or not (items or field == "mapping"):  # a family of one's own may have none
+        return [f"{field} is not a {'list' if field == 'mapping' else 'non-empty list'}"]
     for i, item in enumerate(items):
         if not isinstance(item, dict) or sorted(item) != sorted(names):
             return [f"{field}[{i}] is not an object with exactly the fields {' and '.join(names)}"]

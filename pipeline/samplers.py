@@ -7,11 +7,13 @@ That is what makes sampling cheap: no copy of the command list per episode, only
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import scan
+from pipeline import families, scan
 from pipeline.errors import UserError
 
 EPISODE_TYPES = ("ME", "scan_prim_permutation", "scan_prim_augmentation", "scan_around_right", "scan_length")
@@ -237,11 +239,59 @@ class ScanSampler(EpisodeSampler):
                 "query": query_pool.fill(query_idx, words, actions)}
 
 
+class FamilySampler(EpisodeSampler):
+    """An episode family of one's own (pipeline/families.py) behind the samplers' interface."""
+
+    def __init__(self, name: str, family: families.EpisodeFamily):
+        self.episode_type, self.family = name, family
+        self.input_symbols, self.output_symbols = tuple(family.input_symbols), tuple(family.output_symbols)
+        self.params = {**family.params, "family": families.family_record(name)}
+
+    def sample_validation(self, rng: np.random.Generator, n: int) -> list[dict]:
+        return [self._draw(rng, "val") for _ in range(n)]
+
+    def sample_train(self, rng: np.random.Generator, tabu: frozenset[str]) -> dict:
+        for _ in range(MAX_TABU_TRIES):
+            episode = self._draw(rng, "train")
+            if episode["identifier"] not in tabu:
+                return episode
+        raise TabuError(f"{self.episode_type}: no training episode avoids the validation identifiers "
+                        f"after {MAX_TABU_TRIES} tries ({len(tabu)} identifiers are tabu)")
+
+    def sample_more_validation(self, rng, pairings, n: int) -> list[dict]:
+        raise UserError(f"{self.episode_type}: --val_episodes draws on the pairings of the built-in types; a "
+                        "family of one's own has none (score its validation episodes, or a file of its own)")
+
+    def _draw(self, rng: np.random.Generator, split: str) -> dict:
+        raw = self.family.sample(rng, split)
+        try:
+            support, query = _pairs(raw["support"]), _pairs(raw["query"])
+            mapping = [{"src": s, "tgt": t} for s, t in raw.get("mapping", ())]
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{self.episode_type}: an episode must be a dict of support and query pairs "
+                            f"(input, output): {type(err).__name__}: {err}") from None
+        identifier = raw.get("identifier") or "support " + hashlib.sha256(
+            json.dumps(support, sort_keys=True).encode()).hexdigest()[:16]
+        return {"identifier": str(identifier), "mapping": mapping, "support": support, "query": query}
+
+
+def _pairs(items) -> list[dict]:
+    """[(input, output) or {"input", "output"}, ...] with each side a string or a list of tokens."""
+    def text(side) -> str:
+        return side if isinstance(side, str) else " ".join(side)
+    return [{"input": text(it["input"]), "output": text(it["output"])} if isinstance(it, dict)
+            else {"input": text(it[0]), "output": text(it[1])} for it in items]
+
+
 @functools.lru_cache(maxsize=None)
 def get_sampler(episode_type: str) -> EpisodeSampler:
-    """The sampler of an episode type (built once per process: SCAN templates take a moment)."""
+    """The sampler of an episode type, built in or a family of one's own (built once per process: SCAN
+    templates take a moment)."""
     if episode_type == "ME":
         return MESampler()
     if episode_type in SCAN_SPECS:
         return ScanSampler(SCAN_SPECS[episode_type])
-    raise UserError(f"unknown episode type {episode_type!r}; choose one of: {', '.join(EPISODE_TYPES)}")
+    if families.is_family_name(episode_type):
+        return FamilySampler(episode_type, families.load_family(episode_type))
+    raise UserError(f"unknown episode type {episode_type!r}; choose one of: {', '.join(EPISODE_TYPES)}, or name "
+                    "a family of your own as module:attribute")

@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.families import family_problems
 from pipeline.manifest import load_manifest, manifest_problems
 from pipeline.records import SPLITS, record_problems, sample_key, shard_name
 from pipeline.shardio import file_sha256, read_shard
@@ -25,7 +26,7 @@ def verify_store(store: Path | str) -> list[str]:
         manifest = load_manifest(store)
     except UserError as err:
         return [str(err)]
-    problems = manifest_problems(manifest)
+    problems = manifest_problems(manifest) or family_problems(manifest)
     if problems:
         return problems
     problems += _layout_problems(store, manifest)

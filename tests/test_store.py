@@ -400,7 +400,7 @@ def rewrite_shard(store: Path, name: str, change) -> None:
 @pytest.mark.parametrize("change, expected", [
     (lambda r: {k: v for k, v in r.items() if k != "query"}, "missing field(s) query"),
     (lambda r: {**r, "support": []}, "support is not a non-empty list"),
-    (lambda r: {**r, "mapping": {"jump": "I_JUMP"}}, "mapping is not a non-empty list"),
+    (lambda r: {**r, "mapping": {"jump": "I_JUMP"}}, "mapping is not a list"),
     (lambda r: {**r, "index": r["index"] + 1}, "does not match its key"),
     (lambda r: {**r, "query": [{"input": "jump", "output": ""}]}, "query[0] has an empty or non-string value"),
     (lambda r: {**r, "identifier": "jump -> I_JUMP"}, "training episode has the validation identifier"),
