@@ -12,7 +12,7 @@ Conditions:
   quiet       nothing started by this script (load_average_before in the JSON shows whether the machine was).
   busy        one competing CPU-bound process (a Python busy loop, started before the measured process and
               stopped after it; it also ends by itself).
-  busy_niced  the same, with the measured process at nice 15: a polite job on a shared machine (issue 8's
+  busy_niced  the same, with the measured process at nice 15: a polite job on a shared machine (the slow
               case: 0.8 episodes/s with libgomp's default waiting, 20.8 with one thread).
   busy_later  the competing process starts after the measured one has started and warmed up on a quiet
               machine, just before the timed steps: the adaptive default chose the quiet setting, and a run

@@ -1,4 +1,4 @@
-"""The two adapters of issue 15's cross runs (docs/experiments/me_original_loop_on_our_store.py, arm B, and
+"""The two adapters of the ME cross runs (docs/experiments/me_original_loop_on_our_store.py, arm B, and
 me_our_trainer_on_original_episodes.py, arm C) against the original code, which they import at run time.
 Skips where the original is absent (benchmarks/references.py says where it is looked for).
 

@@ -1,4 +1,4 @@
-"""The switches of issue 15 (docs/experiments/ and the model's softmax), against computations written out by hand."""
+"""The ME recipe switches (docs/experiments/ and the model's softmax), against computations written out by hand."""
 from __future__ import annotations
 
 import importlib.util
@@ -48,7 +48,7 @@ def six_class_loss(model: MetaSeq2Seq, batch) -> torch.Tensor:
 
 
 def test_default_softmax_is_the_originals_six_classes():
-    """Issue 15: our default decoder has no <pad> class (the original's Lang has none); pad_in_softmax keeps it."""
+    """Our default decoder has no <pad> class (the original's Lang has none); pad_in_softmax keeps it."""
     cfg = dict(input_vocab_size=len(TOKENIZER.input_vocab), output_vocab_size=len(TOKENIZER.output_vocab),
                emb_size=16, nlayers=2, dropout=0.0)
     torch.manual_seed(0)

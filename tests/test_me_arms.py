@@ -1,4 +1,4 @@
-"""docs/experiments/me_arms.py (issue 15's comparisons) on run logs written here, against values worked by hand."""
+"""docs/experiments/me_arms.py (the ME recipe comparisons) on run logs written here, against values worked by hand."""
 from __future__ import annotations
 
 import importlib.util

@@ -27,7 +27,7 @@ CONFIGS = {
     "no_attention": {"disable_attention": True},
     "no_memory_no_attention": {"disable_memory": True, "disable_attention": True},
     "query_padding_attended": {"mask_query_padding": False},  # the original's attention, the default
-    "pad_in_softmax": {"pad_in_softmax": True},  # <pad> as a class: this project's models before issue 15
+    "pad_in_softmax": {"pad_in_softmax": True},  # <pad> as a class: this project's first models
 }
 # The references that decode each query alone have no other queries to pad to: they stand for the masked model,
 # which these tests build unless a config says otherwise. The default, the original's attention over the

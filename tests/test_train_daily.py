@@ -1,4 +1,4 @@
-"""`train` in daily use (issue 9): no clobbering, Ctrl-C saves, resume says where, runs extend, --store is
+"""`train` in daily use: no clobbering, Ctrl-C saves, resume says where, runs extend, --store is
 exact, stores fit torchrun, bf16 is refused where it cannot run, and checkpoints say where they came from."""
 from __future__ import annotations
 

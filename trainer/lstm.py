@@ -2,9 +2,8 @@
 
 The model's sequences (commands, action sequences) are short and of very different lengths, so padding
 them to the longest one wastes most of an LSTM's work. PyTorch's CPU LSTM either runs padded (oneDNN), or,
-given a PackedSequence, steps through a generic cell whose backward is many small autograd nodes. On the
-decoder of a SCAN batch (8 episodes, 320 targets, 4,821 valid of 15,680 padded steps, E = 200, 2 layers)
-forward + backward took 1.6-2.1 s padded, 1.0-1.4 s packed, and 0.65-0.8 s as below (one thread).
+given a PackedSequence, steps through a generic cell whose backward is many small autograd nodes; both are
+slower than the recurrence below on the model's batches (docs/benchmarks.md has the measurements).
 Here a layer is:
 
 - one matrix product for the input projection of all valid tokens at once (autograd);

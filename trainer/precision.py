@@ -1,15 +1,10 @@
 """Which reduced precisions this machine can train in, found by trying rather than by reading CPU flags.
 
-`--amp bf16` on the CPU once ran the LSTMs through nn.LSTM, i.e. oneDNN, whose bf16 LSTM primitive does not
-exist on CPUs without native bf16 such as AVX2-only ones ("could not create a primitive descriptor for the
-LSTM forward propagation primitive"); the probe tried a bf16 nn.LSTM and refused --amp bf16 where it failed.
-CPU training no longer runs nn.LSTM: its LSTMs are trainer/lstm.py's packed recurrence (`_Recurrence`,
-matrix products under autocast, element-wise gates in fp32), and so are the output layers and the loss.
-So the probe now tries what a CPU training step runs: a tiny MetaSeq2Seq's loss (memory, attention, both
-LSTMs, with dropout, in training mode) forward under bf16 autocast and backward, and refuses only if that
-fails or gives a non-finite loss or gradient. With oneDNN limited to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2), where
-the bf16 nn.LSTM fails, this step runs (tests/test_train_daily.py). A flag check would have to track
-oneDNN's and torch's own rules; trying asks them.
+The probe tries what a CPU training step runs under `--amp bf16`: a tiny MetaSeq2Seq's loss (memory,
+attention, both LSTMs, with dropout, in training mode) forward under bf16 autocast and backward, and refuses
+only if that fails or gives a non-finite loss or gradient. A flag check would have to track oneDNN's and
+torch's own rules (oneDNN's bf16 nn.LSTM, for one, does not exist on AVX2-only CPUs, while the packed
+recurrence of trainer/lstm.py runs there); trying asks them.
 """
 from __future__ import annotations
 
