@@ -4,7 +4,8 @@ The queries are sorted by input length and cut into chunks; each chunk is one ps
 set plus up to `chunk_size` queries) decoded in a single `greedy_decode` call. Sorting keeps the padding of a
 chunk small and, since output length grows with input length, lets a chunk's rows reach EOS at about the
 same step, so the decoder's running batch shrinks quickly and the chunk stops early. The predictions are put
-back in the original order of the queries.
+back in the original order of the queries. Where the decoder attention covers padded query steps (the
+original's), every chunk attends over as many steps as one batch of all the queries would (padding_companion).
 """
 from __future__ import annotations
 
@@ -37,21 +38,34 @@ def decode_shared_support(model: MetaSeq2Seq, support: list[tuple[Ids, Ids]], qu
         raise ValueError("chunk_size must be >= 1")
     order = bucket_order(queries) if bucket else list(range(len(queries)))
     predictions: list[Ids | None] = [None] * len(queries)
+    companion = padding_companion(model, queries)
     with evaluating(model), torch.inference_mode():
         for start in range(0, len(order), chunk_size):
             chunk = order[start:start + chunk_size]
-            for index, prediction in zip(chunk, _decode_chunk(model, support, [queries[i] for i in chunk],
-                                                              max_length, device)):
+            decoded = _decode_chunk(model, support, [queries[i] for i in chunk], max_length, device, companion)
+            for index, prediction in zip(chunk, decoded):
                 predictions[index] = prediction
             if on_chunk is not None:
                 on_chunk(len(chunk))
     return predictions
 
 
+def padding_companion(model: MetaSeq2Seq, queries: list[Ids]) -> Ids | None:
+    """The longest query, decoded beside every chunk of shorter ones and then dropped, where the decoder attention
+    covers the padded query steps (mask_query_padding off, the original's): so each query attends over as many
+    steps as in one batch of all the queries, as the original's test.py decodes a split. None where it
+    attends over each query's own steps only (or has no attention), and chunks do not change the outputs."""
+    if model.cfg.mask_query_padding or model.cfg.disable_attention or not queries:
+        return None
+    return max(queries, key=len)
+
+
 def _decode_chunk(model: MetaSeq2Seq, support: list[tuple[Ids, Ids]], queries: list[Ids], max_length: int,
-                  device: torch.device) -> list[Ids]:
-    batch = shared_support_batch(support, queries).to(device)
-    return strip_decoded(model.greedy_decode(batch, max_length))[0]
+                  device: torch.device, companion: Ids | None = None) -> list[Ids]:
+    padded = companion is not None and len(companion) > max(len(q) for q in queries)
+    batch = shared_support_batch(support, queries + [companion] if padded else queries).to(device)
+    decoded = strip_decoded(model.greedy_decode(batch, max_length))[0]
+    return decoded[:len(queries)]
 
 
 def shared_support_batch(support: list[tuple[Ids, Ids]], queries: list[Ids]) -> EpisodeBatch:
