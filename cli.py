@@ -181,12 +181,14 @@ def passed_to_train(command):
 
 @cli.command("eval")
 @click.option("--checkpoint", default=None,
-              help="A checkpoint written by `train`, e.g. out_models/net_ME.pt (or give --dir_model/--fn_in_model).")
+              help="A checkpoint written by `train`, e.g. out_models/net_ME.pt, or the original code's net_T.tar "
+                   "(or give --dir_model/--fn_in_model).")
 @click.option("--dir_model", default=None,
               help="As the original's test.py: the checkpoint's directory.  [default with --fn_in_model: out_models]")
 @click.option("--fn_in_model", default=None,
-              help="As the original's test.py: the checkpoint's file name in --dir_model; net_T.tar also finds "
-                   "net_T.pt, the name train writes.  [default: net_<episode_type>.pt]")
+              help="As the original's test.py: the checkpoint's file name in --dir_model; the original's net_T.tar "
+                   "is read as it is, and where it is missing, net_T.pt (the name train writes) is taken.  "
+                   "[default: net_<episode_type>.pt]")
 @click.option("--episode_type", default=None, metavar="|".join(EPISODE_TYPES),
               help="Check that the checkpoint was trained on these episodes (the original's test.py flag).  "
                    "[default: the checkpoint's]")
@@ -227,7 +229,8 @@ def eval_command(checkpoint: str | None, dir_model: str | None, fn_in_model: str
 
 
 @cli.command()
-@click.option("--checkpoint", required=True, help="A checkpoint written by `train`, e.g. out_models/net_ME.pt.")
+@click.option("--checkpoint", required=True,
+              help="A checkpoint written by `train`, e.g. out_models/net_ME.pt, or the original code's net_T.tar.")
 @click.option("--support", default=None, metavar="SPEC", help='The support set: "jump=I_JUMP,walk=I_WALK".')
 @click.option("--support_file", default=None, metavar="PATH",
               help="Or a file of `IN: ... OUT: ...` lines (SCAN format) as the support set.")
@@ -248,6 +251,20 @@ def predict(commands: tuple[str, ...], **kwargs) -> None:
         commands = tuple(sys.stdin)
     for line in run_predict(PredictConfig(commands=commands_from_lines(commands), **kwargs)):
         click.echo(line)
+
+
+@cli.command()
+@click.option("--from_original", required=True, metavar="net_T.tar",
+              help="A checkpoint that the original code's train.py wrote.")
+@click.option("--out", default=None, help="Our checkpoint to write.  [default: beside it, net_T.pt]")
+@click.option("--store", default=None,
+              help="The episode store to resume it on (train --resume --store PATH): the vocabularies take its "
+                   "order, and the checkpoint records it.")
+def convert(**kwargs) -> None:
+    """Turn the original code's checkpoint (net_T.tar) into ours (.pt): its weights, settings, vocabularies and
+    validation episodes, to evaluate, predict with, and (with --store) resume or extend with train --resume."""
+    from trainer.original_checkpoint import ConvertConfig, convert as run_convert  # here: it loads torch
+    click.echo(f"checkpoint: {run_convert(ConvertConfig(**kwargs))}")
 
 
 @cli.command()

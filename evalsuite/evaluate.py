@@ -19,12 +19,12 @@ from evalsuite.splits import (SCAN_FILE, SCAN_TEST_SPLITS, VALIDATION, drawn_val
 from pipeline.errors import UserError
 from pipeline.shardio import file_sha256
 from pipeline.store import draw_validation, load_manifest, manifest_sha256, shard_paths, val_shards_sha256
-from trainer.checkpoint import load_checkpoint
 from trainer.data import Tokenizer, read_records
 from trainer.device import resolve_device
 from trainer.evaluate import decode_records, episode_queries
 from trainer.metrics import QueryResult, score_episodes, score_queries
 from trainer.model import MetaSeq2Seq, ModelConfig
+from trainer.original_checkpoint import VALIDATION_RECORDS, load_any_checkpoint
 from trainer.precision import use_exact_fp32
 
 
@@ -113,7 +113,7 @@ class Loaded:
 def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate, write DIR/results.json, predictions and plots; return the results."""
     check_config(cfg)
-    ckpt = load_checkpoint(Path(cfg.checkpoint))
+    ckpt = load_any_checkpoint(Path(cfg.checkpoint))
     if cfg.episode_type is not None and cfg.episode_type != ckpt.get("episode_type"):
         raise UserError(f"--episode_type {cfg.episode_type} differs from the episode type of the checkpoint "
                         f"{cfg.checkpoint} ({ckpt.get('episode_type')})")
@@ -182,7 +182,7 @@ def load_model(ckpt: dict, cfg: EvalConfig) -> Loaded:
 
 def prepare_split(name: str, loaded: Loaded, cfg: EvalConfig) -> SplitTask:
     if name == VALIDATION:
-        records = validation_records(loaded.checkpoint, cfg)
+        records = checkpoint_validation(loaded.checkpoint, cfg)
         episodes = [Episode(_items(r["support"]), _items(episode_queries(r, support_as_queries=True)))
                     for r in records]
         return SplitTask(name, episodes, episodic=True, records=records)
@@ -194,13 +194,13 @@ def prepare_split(name: str, loaded: Loaded, cfg: EvalConfig) -> SplitTask:
     queries = [(p.command, p.actions) for p in scan_test_pairs(name)]
     if split.support is not None:
         return SplitTask(name, [encoded(list(split.support), queries, loaded.tokenizer)], episodic=False)
-    return length_task(name, validation_records(loaded.checkpoint, cfg), queries, loaded.tokenizer)
+    return length_task(name, checkpoint_validation(loaded.checkpoint, cfg), queries, loaded.tokenizer)
 
 
 def drawn_validation_task(name: str, loaded: Loaded, cfg: EvalConfig) -> SplitTask:
     """`--val_episodes N`: N validation episodes drawn afresh (pipeline.store.draw_validation) on the pairings
     of the store's validation episodes, whose identifiers training never saw; scored as `validation` is."""
-    held = validation_records(loaded.checkpoint, cfg)
+    held = checkpoint_validation(loaded.checkpoint, cfg)
     records = draw_validation(loaded.checkpoint["episode_type"], held, cfg.val_episodes, cfg.val_seed)
     episodes = [Episode(_items(r["support"]), _items(episode_queries(r, support_as_queries=True))) for r in records]
     draw = {"n_episodes": cfg.val_episodes, "seed": cfg.val_seed, "rng": f"numpy default_rng({cfg.val_seed})",
@@ -244,6 +244,13 @@ def scan_file_task(path: str, support_spec: str, tokenizer: Tokenizer) -> SplitT
             raise UserError(f"{path} line {number}: {err}") from None
         queries.append((pair.command, pair.actions))
     return SplitTask(SCAN_FILE, [Episode(support, queries, support_ids, query_ids)], episodic=False, source=source)
+
+
+def checkpoint_validation(ckpt: dict, cfg: EvalConfig) -> list[dict]:
+    """The validation episodes that a checkpoint of the original code carries inside it (read from its .tar, or
+    converted), which its test.py scores; else those of the checkpoint's store."""
+    held = ckpt.get(VALIDATION_RECORDS)
+    return held if held is not None else validation_records(ckpt, cfg)
 
 
 def validation_records(ckpt: dict, cfg: EvalConfig) -> list[dict]:

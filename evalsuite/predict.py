@@ -16,7 +16,7 @@ from evalsuite.evaluate import load_model
 from evalsuite.splits import check_support, parse_support, read_scan_file
 from pipeline.errors import UserError
 from pipeline.vocab import EOS
-from trainer.checkpoint import load_checkpoint
+from trainer.original_checkpoint import load_any_checkpoint
 
 
 @dataclass
@@ -41,7 +41,7 @@ def predict(cfg: PredictConfig) -> list[str]:
     output line is followed by indented lines describing where the model looked."""
     check_config(cfg)
     support = read_support(cfg)
-    loaded = load_model(load_checkpoint(Path(cfg.checkpoint)), cfg)
+    loaded = load_model(load_any_checkpoint(Path(cfg.checkpoint)), cfg)
     support_ids = encode_support(support, loaded.tokenizer, "--support_file" if cfg.support_file else "--support")
     query_ids = encode_commands(cfg.commands, loaded.tokenizer)
     decoded = iter(decode_shared_support(loaded.model, support_ids, [q for q in query_ids if q is not None],

@@ -6,9 +6,9 @@ functions: `build_sample` builds an episode with the support items appended as q
 `train` computes the masked cross-entropy over that query batch and backpropagates (with optimizers whose
 lr is 0, so nothing moves), and `evaluate` decodes greedily for max_length steps. Both models are built
 with dropout 0 (the original's `train` switches to train mode; with p = 0 that is eval mode), the
-original's weights are copied into ours (`copy_original_weights`, a documented name and vocabulary
-mapping), and we run all the episodes of a test as one padded batch while the original runs them one at a
-time.
+original's weights are copied into ours by the product's own name and vocabulary mapping
+(trainer/original_checkpoint.py, which reads the original's checkpoints), and we run all the episodes of a
+test as one padded batch while the original runs them one at a time.
 
 1. Queries of equal input length within each episode (the original then pads no query step): the loss,
    the gradients of every parameter, the greedy outputs and both attentions agree to float tolerance, in
@@ -34,9 +34,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID, build_vocab
+from pipeline.vocab import build_vocab
 from trainer.data import Tokenizer, collate_episodes
 from trainer.model import MetaSeq2Seq, ModelConfig, strip_decoded
+from trainer.original_checkpoint import VocabMap, copy_original_weights as product_copy, original_named
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from references import load_original_train, original_dir, original_missing  # noqa: E402
@@ -82,68 +83,28 @@ def original_symbols(vocab: tuple[str, ...]) -> list[str]:
     return list(vocab[3:])
 
 
-def ours_of_original(vocab: tuple[str, ...]) -> torch.Tensor:
-    """For each original id, our id: Lang gives id i to original_symbols()[i], then SOS = n, EOS = n + 1."""
-    return torch.tensor(list(range(3, len(vocab))) + [SOS_ID, EOS_ID])
-
-
 def original_sizes() -> tuple[int, int]:
     """The original's n_symbols of its input and output Lang: ours without <pad>."""
     return len(TOKENIZER.input_vocab) - 1, len(TOKENIZER.output_vocab) - 1
 
 
+# The mapping under test is the product's (trainer/original_checkpoint.py), the one that reads the original's
+# checkpoints: module names (original_named) and token rows (VocabMap, ours_of_original).
+VOCAB = VocabMap.between(original_symbols(TOKENIZER.input_vocab), original_symbols(TOKENIZER.output_vocab), TOKENIZER)
+
+
 def copy_original_weights(encoder, decoder, model: MetaSeq2Seq) -> None:
-    """Copy the original's weights into ours (the original's encoder and decoder are two modules).
-
-    | original                                          | ours                        |
-    |---------------------------------------------------|-----------------------------|
-    | encoder.suppport_embedding.embedding (*)          | input_encoder.embedding     |
-    | encoder.suppport_embedding.lstm (*)               | input_encoder.lstm          |
-    | encoder.output_embedding.embedding                | output_encoder.embedding    |
-    | encoder.output_embedding.lstm                     | output_encoder.lstm         |
-    | encoder.hidden                                    | memory_combine              |
-    | encoder.embedding, encoder.lstm (disable_memory)  | input_encoder.embedding/lstm|
-    | decoder.embedding                                 | dec_embedding               |
-    | decoder.rnn                                       | dec_lstm                    |
-    | decoder.concat (AttnDecoderRNN only)              | attn_combine                |
-    | decoder.out                                       | out                         |
-
-    (*) query_embedding is the same module (tie_encoders=True), as our one input encoder.
-    LSTM parameters keep their names (weight_ih_l0, ..._reverse, ...). Rows indexed by a token id (the
-    embeddings, out.weight and out.bias) are permuted by ours_of_original(); everything else is copied
-    as is.
-    """
-    ours = dict(model.named_parameters())
-    for name, value in original_parameters(encoder, decoder).items():
-        target = ours[name]
-        rows = vocab_rows(name)  # `...` for non-vocabulary tensors; our <pad> rows keep their own values
-        assert target[rows].shape == value.shape, name
-        with torch.no_grad():
-            target[rows] = value.detach()
+    """Copy the original's weights (its encoder and decoder are two modules) into ours, by the product's mapping."""
+    product_copy(original_parameters(encoder, decoder), model, VOCAB)
 
 
 def original_parameters(encoder, decoder) -> dict[str, torch.Tensor]:
-    """The original's parameters (or their .grad) under our names; see copy_original_weights."""
-    prefixes = {"suppport_embedding.": "input_encoder.", "output_embedding.": "output_encoder.",
-                "hidden.": "memory_combine.", "embedding.": "input_encoder.embedding.",
-                "lstm.": "input_encoder.lstm."}
-    out = {}
-    for name, p in encoder.named_parameters():  # named_parameters lists the tied query_embedding once
-        prefix = next(k for k in prefixes if name.startswith(k))
-        out[prefixes[prefix] + name[len(prefix):]] = p
-    dec = {"embedding.": "dec_embedding.", "rnn.": "dec_lstm.", "concat.": "attn_combine.", "out.": "out."}
-    for name, p in decoder.named_parameters():
-        prefix = next(k for k in dec if name.startswith(k))
-        out[dec[prefix] + name[len(prefix):]] = p
-    return out
+    """The original's parameters (or their .grad) under our names, by the product's mapping."""
+    return original_named(encoder.named_parameters(), decoder.named_parameters())
 
 
 def vocab_rows(our_name: str):
-    if our_name in ("input_encoder.embedding.weight",):
-        return ours_of_original(TOKENIZER.input_vocab)
-    if our_name in ("output_encoder.embedding.weight", "dec_embedding.weight", "out.weight", "out.bias"):
-        return ours_of_original(TOKENIZER.output_vocab)
-    return ...
+    return VOCAB.rows(our_name)
 
 
 # ---- building both sides -------------------------------------------------------------------------------
@@ -193,7 +154,7 @@ def original_lang(original, side: str):
 
 def original_words(original, our_ids: list[int]) -> list[str]:
     """Our output ids as the original's symbols (SOS and EOS have its own names)."""
-    original_id = {int(ours): i for i, ours in enumerate(ours_of_original(TOKENIZER.output_vocab))}
+    original_id = {int(ours): i for i, ours in enumerate(VOCAB.output)}
     return [original_lang(original, "output").index2symbol[original_id[i]] for i in our_ids]
 
 

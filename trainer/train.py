@@ -32,7 +32,7 @@ from trainer.metrics import score_episodes
 from trainer.precision import use_exact_fp32
 from trainer.runlog import RunLog, crossed
 from trainer.signals import StopRequest, TrainingInterrupted
-from trainer.state import LossWrapper, Session, TrainState, build_state, restore, save
+from trainer.state import LossWrapper, Session, TrainState, build_state, check_resumable, restore, save
 from trainer.stores import prepare_store, train_shards
 
 
@@ -109,6 +109,8 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device)
 
 def _run(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device) -> dict:
     use_exact_fp32(device)
+    if cfg.resume:
+        check_resumable(cfg.checkpoint_path)
     manifest = prepare_store(cfg, ctx)
     session = Session(cfg, ctx, device, manifest, episode_store.manifest_sha256(cfg.store_path),
                       provenance.collect(device_name(device)) if ctx.is_main else {})
