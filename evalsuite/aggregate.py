@@ -24,6 +24,7 @@ from pathlib import Path
 from evalsuite.report import RESULTS_NAME
 from evalsuite.splits import PAPER_NUMBERS, SCAN_TEST_SPLITS, VALIDATION, type_splits
 from pipeline import provenance
+from pipeline.families import is_family_name
 from pipeline.samplers import EPISODE_TYPES
 from pipeline.shardio import write_bytes_atomically
 
@@ -69,7 +70,7 @@ def runs_in(out: Path) -> list[Run]:
     found = []
     for path in Path(out).glob(f"*/*/seed*/{RUN_RECORD}"):
         experiment, variant, seed = path.parts[-4], path.parts[-3], path.parts[-2][len("seed"):]
-        if (experiment in EPISODE_TYPES or ":" in experiment) and variant in VARIANTS and seed.isdigit():
+        if (experiment in EPISODE_TYPES or is_family_name(experiment)) and variant in VARIANTS and seed.isdigit():
             found.append(Run(experiment, variant, int(seed)))
     return found
 

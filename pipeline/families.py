@@ -32,6 +32,9 @@ import numpy as np
 from pipeline.errors import UserError
 
 ENTRY_POINT_GROUP = "metaseq2seq.episode_types"
+# Families that ship with the project, by short name: they take the same path as one's own (the store records
+# the import path and the module's source hash), with no install step for the name to work in a checkout.
+BUILT_IN = {"mlc_algebraic": "pipeline.mlc:algebraic"}
 Pairs = list  # [(input, output), ...] or [{"input": ..., "output": ...}, ...]; a side is a str or a list of tokens
 
 
@@ -47,8 +50,9 @@ class EpisodeFamily:
 
 
 def is_family_name(name: str) -> bool:
-    """A name that is not a built-in type: an import path `module:attribute`, or an entry point's name."""
-    return ":" in name or name in entry_point_names()
+    """A name that is not one of the five samplers: an import path `module:attribute`, a family that ships
+    with the project, or an entry point's name."""
+    return ":" in name or name in BUILT_IN or name in entry_point_names()
 
 
 def entry_point_names() -> tuple[str, ...]:
@@ -59,6 +63,8 @@ def import_path(name: str) -> str:
     """`module:attribute` of a family named by its import path or by an entry point."""
     if ":" in name:
         return name
+    if name in BUILT_IN:
+        return BUILT_IN[name]
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=name):
         return entry_point.value
     raise UserError(f"unknown episode type {name!r}")

@@ -293,5 +293,6 @@ def get_sampler(episode_type: str) -> EpisodeSampler:
         return ScanSampler(SCAN_SPECS[episode_type])
     if families.is_family_name(episode_type):
         return FamilySampler(episode_type, families.load_family(episode_type))
-    raise UserError(f"unknown episode type {episode_type!r}; choose one of: {', '.join(EPISODE_TYPES)}, or name "
-                    "a family of your own as module:attribute")
+    raise UserError(f"unknown episode type {episode_type!r}; choose one of: "
+                    f"{', '.join(EPISODE_TYPES + tuple(families.BUILT_IN))}, or name a family of your own as "
+                    "module:attribute")
