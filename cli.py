@@ -273,12 +273,14 @@ def convert(**kwargs) -> None:
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated integer seeds, e.g. 0,1,2.")
 @click.option("--variants", default="full", show_default=True,
               help="Comma-separated: full, no_memory, no_attention, no_support_loss (the paper's ablations).")
-@click.option("--jobs", type=int, default=1, show_default=True,
-              help="Stacks (or runs, with --separate) and evaluations at the same time, as separate processes; "
-                   "the threads are split between them.")
+@click.option("--jobs", type=int, default=None,
+              help="Runs (or stacks) and evaluations at the same time, as separate processes; the threads are "
+                   "split between them.  [default: separate runs on a CPU: its cores (one thread each); else 1]")
 @click.option("--stack_size", type=int, default=16, show_default=True,
               help="Most seeds of one experiment and variant trained as one stack (train --seeds), one process.")
-@click.option("--separate", is_flag=True, help="Train every run in its own process instead of in stacks.")
+@click.option("--separate/--stacked", default=None,
+              help="Train every run in its own process, or the seeds of one experiment and variant as stacks.  "
+                   "[default: separate on a CPU, where one-thread runs side by side are faster; stacks on GPUs]")
 @click.option("--out", default="runs", show_default=True, help="Runs go to OUT/<experiment>/<variant>/seed<k>/.")
 @click.option("--threads", type=int, default=None,
               help="Threads for the whole grid, split over the jobs.  [default: all cores; one job alone adapts "

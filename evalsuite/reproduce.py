@@ -66,7 +66,7 @@ class ReproduceConfig:
     experiments: tuple[str, ...] = EPISODE_TYPES
     seeds: tuple[int, ...] = (0,)
     variants: tuple[str, ...] = ("full",)
-    jobs: int = 1
+    jobs: int | None = None            # None: the cores, for separate runs on a CPU; else 1
     out: str = "runs"
     threads: int | None = None         # threads for the whole grid, split over the jobs [default: all cores]
     # The settings passed through to train (PASS_THROUGH); None: train's own default.
@@ -87,7 +87,7 @@ class ReproduceConfig:
     keep_adam_at_decay: bool = False
     num_val_episodes: int = episode_store.GenerateConfig.num_val_episodes
     stack_size: int = 16               # most seeds trained in one stack
-    separate: bool = False             # every run in its own `train` process (no stacks)
+    separate: bool | None = None       # every run in its own `train` process; None: on a CPU yes, on GPUs stacks
     # --launcher slurm: every job (a stack, or one run) is one Slurm job, through submitit (evalsuite/launch.py)
     launcher: str = "local"            # local | slurm
     partition: str | None = None
@@ -101,6 +101,10 @@ class ReproduceConfig:
     slurm_cluster: str = field(default_factory=lambda: os.environ.get(SUBMITIT_CLUSTER_ENV, "slurm"))
 
     def __post_init__(self):
+        if self.separate is None:
+            self.separate = not trains_on_gpu(self)
+        if self.jobs is None:
+            self.jobs = usable_cores() if self.separate and self.launcher == "local" else 1
         check_grid(self)
 
     @property
@@ -122,6 +126,18 @@ class ReproduceConfig:
 
     def train_flags(self) -> dict:
         return {name: getattr(self, name) for name in PASS_THROUGH if getattr(self, name) is not None}
+
+
+def trains_on_gpu(cfg: ReproduceConfig) -> bool:
+    """Whether the grid's runs train on a GPU: there a B=1 step is bound by launches and a stack of seeds pays;
+    on a CPU one-thread runs side by side are faster (docs/benchmarks.md)."""
+    if cfg.launcher == "slurm":
+        return cfg.gpus_per_job > 0
+    device = cfg.device or "auto"
+    if device == "auto":
+        import torch  # here: the rest of the grid's set-up does not need it
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
 
 
 def check_grid(cfg: ReproduceConfig) -> None:

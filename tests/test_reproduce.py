@@ -305,7 +305,8 @@ def test_a_killed_stack_resumes_every_seed_from_its_checkpoint(tmp_path):
 
 def test_stacks_are_planned_by_experiment_variant_and_starting_point(tmp_path):
     from evalsuite.reproduce import ReproduceConfig, RunState, plan_jobs
-    cfg = ReproduceConfig(experiments=("ME",), seeds=(0, 1, 2, 3, 4), variants=("full", "no_memory"), stack_size=2)
+    cfg = ReproduceConfig(experiments=("ME",), seeds=(0, 1, 2, 3, 4), variants=("full", "no_memory"), stack_size=2,
+                          separate=False, jobs=1)
     runs = [Run("ME", v, s) for v in ("full", "no_memory") for s in range(5)]
     states = {r: RunState("new") for r in runs}
     states[Run("ME", "full", 4)] = RunState("partial", 300)
@@ -315,9 +316,24 @@ def test_stacks_are_planned_by_experiment_variant_and_starting_point(tmp_path):
                     ("ME/no_memory/seed0", False), ("ME/no_memory/seeds1,2", True), ("ME/no_memory/seeds3,4", True)]
     separate = ReproduceConfig(experiments=("ME",), seeds=(0, 1), separate=True)
     assert [len(j.runs) for j in plan_jobs(separate, runs[:2], states)] == [1, 1]
-    spread = ReproduceConfig(experiments=("ME",), seeds=(0, 1, 2, 3), jobs=2)  # one stack per job slot
+    spread = ReproduceConfig(experiments=("ME",), seeds=(0, 1, 2, 3), jobs=2, separate=False)  # a stack per job
     assert [j.name for j in plan_jobs(spread, runs[:4], {r: RunState("new") for r in runs})] == [
         "ME/full/seeds0,1", "ME/full/seeds2,3"]
+
+
+def test_the_default_arrangement_is_one_thread_runs_side_by_side_on_a_cpu(monkeypatch):
+    import torch
+
+    from evalsuite.reproduce import ReproduceConfig
+    from pipeline.threads import usable_cores
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = ReproduceConfig(experiments=("ME",), seeds=(0, 1, 2, 3))
+    assert cpu.separate is True and cpu.jobs == usable_cores() and cpu.threads_per_job == 1
+    assert ReproduceConfig(experiments=("ME",), device="cuda").separate is False  # a GPU: stacks, one job
+    assert ReproduceConfig(experiments=("ME",), device="cuda").jobs == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ReproduceConfig(experiments=("ME",)).separate is False
+    assert ReproduceConfig(experiments=("ME",), stack_size=4, separate=False).separate is False
 
 
 def test_threads_per_job_split_the_cores_and_a_lone_job_adapts(tmp_path):
@@ -332,7 +348,7 @@ def test_threads_per_job_split_the_cores_and_a_lone_job_adapts(tmp_path):
         assert flags[0] == flags[1]
         return flags[0]
 
-    assert threads_flag(jobs=1) is None                 # the job's own policy follows the load
+    assert threads_flag(jobs=1) is None                 # the job's own policy adapts to the load
     assert threads_flag(jobs=2) == str(max(1, usable_cores() // 2))
     assert threads_flag(jobs=1, threads=3) == "3"
     assert threads_flag(jobs=2, threads=5) == "2"

@@ -20,7 +20,7 @@ from evalsuite.reproduce import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--experiments", "ME", "--seeds", "0,1", "--num_episodes", "48", "--emb_size", "16", "--nlayers", "1",
-        "--batch_size", "8", "--threads", "1"]
+        "--batch_size", "8", "--threads", "1", "--stacked"]  # stacks, as a GPU cluster's default
 LONG = ["--experiments", "ME", "--seeds", "0", "--num_episodes", "800", "--emb_size", "16", "--nlayers", "1",
         "--threads", "1", "--val_every", "40", "--checkpoint_every", "40", "--num_val_episodes", "2"]
 SLURM = ["--launcher", "slurm", "--time", "30"]
@@ -52,6 +52,7 @@ def per_run(out: Path) -> dict:
     return runs
 
 
+@pytest.mark.slow
 def test_a_grid_through_submitit_equals_the_local_grid(tmp_path):
     local = reproduce(tmp_path / "local", *TINY)
     slurm = reproduce(tmp_path / "slurm", *TINY, *SLURM)
@@ -93,6 +94,7 @@ def assert_trained_once(run: Run, out: Path, num_episodes: int = 800) -> None:
     assert json.loads((run.dir(out) / "run.json").read_text())["status"] == "done"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_preempted_job_checkpoints_and_is_requeued(tmp_path, signum):
     """Pre-emption: the job's train checkpoints, submitit requeues the job, and it resumes from the checkpoint."""
@@ -112,6 +114,7 @@ def test_a_preempted_job_checkpoints_and_is_requeued(tmp_path, signum):
     assert "Requeued job" in logs and "[resume] ME/full/seed0: from episode" in logs
 
 
+@pytest.mark.slow
 def test_a_killed_job_is_resumed_by_the_same_command(tmp_path):
     """--no_wait submits and returns; the job is killed (its whole process group, train included) after its
     first checkpoint; the same command then resumes the run from that checkpoint and aggregates."""
@@ -179,6 +182,7 @@ def test_the_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
     assert cfg.threads_per_job == 4  # a job's threads: its CPUs
 
 
+@pytest.mark.slow
 def test_a_rerun_while_the_job_runs_does_not_submit_it_again(tmp_path):
     """The same --no_wait command while its job still runs names the job and submits nothing; the same command
     without --no_wait then waits for that job and aggregates."""
