@@ -82,14 +82,20 @@ class QueryAttention:
 
 
 def query_attention(model: MetaSeq2Seq, tokenizer: Tokenizer, support: list[tuple[str, str]], query: str,
-                    max_length: int, device: torch.device) -> QueryAttention:
-    """Greedy-decode one query against its support set, keeping both attentions (float32, on the CPU)."""
-    support_ids = tokenizer.encode_pairs(support)
-    batch = make_batch([support_ids], [[(tokenizer.encode_input(query), [])]]).to(device)
+                    max_length: int, device: torch.device, episode_queries: list[str] = ()) -> QueryAttention:
+    """Greedy-decode one query against its support set, keeping both attentions (float32, on the CPU), as it
+    was decoded among `episode_queries`: where the decoder attention covers padded query steps, the longest of
+    them is decoded beside it and dropped, so its output and attention are the ones its episode scored."""
+    ids = [tokenizer.encode_input(query)]
+    companion = padding_companion(model, [tokenizer.encode_input(q) for q in episode_queries])
+    if companion is not None and len(companion) > len(ids[0]):
+        ids.append(companion)
+    batch = make_batch([tokenizer.encode_pairs(support)], [[(q, []) for q in ids]]).to(device)
     with evaluating(model), torch.inference_mode():
         result = model.greedy_decode(batch, max_length, return_attention=True)
-    length = int(result.lengths[0, 0])
+    length, width = int(result.lengths[0, 0]), len(ids[0]) + 1                  # the query's tokens and EOS
     outputs = [tokenizer.output_vocab[t] for t in result.tokens[0, 0, :length].tolist()]
-    memory = None if result.memory_attention is None else result.memory_attention[0, 0].float().cpu()
-    decoder = None if result.decoder_attention is None else result.decoder_attention[0, 0, :length].float().cpu()
+    memory = None if result.memory_attention is None else result.memory_attention[0, 0, :width].float().cpu()
+    decoder = None if result.decoder_attention is None else \
+        result.decoder_attention[0, 0, :length, :width].float().cpu()
     return QueryAttention(outputs, memory, decoder)

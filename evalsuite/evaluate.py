@@ -44,6 +44,7 @@ class EvalConfig:
     episode_type: str | None = None  # if given, the checkpoint's episode type must be this one
     val_episodes: int = 0           # also score this many freshly drawn validation episodes (split validation_N)
     val_seed: int = 0               # the seed of that draw
+    write_report: bool = True       # False: only return the results (the Python API, unless it names `out`)
 
     @property
     def out_dir(self) -> Path:
@@ -120,14 +121,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     names = requested_splits(cfg, ckpt.get("episode_type"))
     loaded = load_model(ckpt, cfg)
     tasks = [prepare_split(name, loaded, cfg) for name in names]
-    report.check_destination(cfg.out_dir)  # now, not after minutes of decoding
+    if cfg.write_report:
+        report.check_destination(cfg.out_dir)  # now, not after minutes of decoding
     results = report.header(cfg.checkpoint, ckpt, loaded.max_length, str(loaded.device))
     results["provenance"] |= {task.name: task.source for task in tasks if task.source is not None}
     decoded = {}
     for task in tasks:
         decoded[task.name], seconds = decode_task(task, loaded, cfg)
         results["splits"][task.name] = split_scores(task, decoded[task.name], seconds, ckpt.get("episode_type"))
-    write_report(cfg, loaded, tasks, decoded, results)
+    if cfg.write_report:
+        write_report(cfg, loaded, tasks, decoded, results)
     return results
 
 

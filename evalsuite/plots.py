@@ -47,7 +47,7 @@ def query_attention(loaded, episode, query: str):
     """(output tokens, memory attention (Tqi, ns) or None, decoder attention (L, Tqi) or None); None when
     the model has neither."""
     found = decode_attention(loaded.model, loaded.tokenizer, episode.support, query, loaded.max_length,
-                             loaded.device)
+                             loaded.device, [q for q, _ in episode.queries])
     if found.memory is None and found.decoder is None:
         return None
     return found.outputs, found.memory, found.decoder

@@ -54,7 +54,7 @@ def predict(cfg: PredictConfig) -> list[str]:
         lines.append(loaded.tokenizer.decode_output(next(decoded)))
         if cfg.attention:
             found = query_attention(loaded.model, loaded.tokenizer, support, command, loaded.max_length,
-                                    loaded.device)
+                                    loaded.device, [c for c in cfg.commands if c.split()])
             lines += attention_lines(command, support, found)
     return lines
 

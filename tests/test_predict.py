@@ -46,16 +46,20 @@ def checkpoint(tmp_path_factory) -> Path:
     return root / "scaled.pt"
 
 
-@pytest.fixture(scope="module")
-def eval_predictions(checkpoint, tmp_path_factory) -> list[str]:
-    """What `eval --scan_file` predicts for PAIRS with the support set SUPPORT."""
-    root = tmp_path_factory.mktemp("eval")
-    (root / "queries.txt").write_text("".join(f"IN: {p.command} OUT: {p.actions}\n" for p in PAIRS))
+def eval_scan_file(checkpoint: Path, pairs, root: Path) -> list[str]:
+    """What `eval --scan_file` predicts for `pairs` with the support set SUPPORT: the file is one episode (where
+    the decoder attention covers padded query steps, an output can depend on the longest query beside it)."""
+    (root / "queries.txt").write_text("".join(f"IN: {p.command} OUT: {p.actions}\n" for p in pairs))
     evaluate(EvalConfig(str(checkpoint), out=str(root / "report"), scan_file=str(root / "queries.txt"),
                         support=SUPPORT))
     rows = [json.loads(line) for line in (root / "report" / "predictions_scan_file.jsonl").read_text().splitlines()]
-    assert [r["input"] for r in rows] == [p.command for p in PAIRS]
+    assert [r["input"] for r in rows] == [p.command for p in pairs]
     return [r["prediction"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def eval_predictions(checkpoint, tmp_path_factory) -> list[str]:
+    return eval_scan_file(checkpoint, PAIRS, tmp_path_factory.mktemp("eval"))
 
 
 def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
@@ -70,7 +74,7 @@ def test_outputs_from_stdin_are_evals_predictions(checkpoint, eval_predictions):
     assert len(set(eval_predictions)) > len(PAIRS) // 2  # outputs differ by command: a mix-up would show
 
 
-def test_blank_input_lines_give_empty_output_lines(checkpoint, eval_predictions, tmp_path):
+def test_blank_input_lines_give_empty_output_lines(checkpoint, tmp_path):
     """The output lines up with a file of commands (paste): a blank line (or one of spaces) in, an empty line out."""
     commands = tmp_path / "commands.txt"
     commands.write_text(f"{PAIRS[0].command}\n\n{PAIRS[1].command}\n   \n\n{PAIRS[2].command}\n")
@@ -78,7 +82,8 @@ def test_blank_input_lines_give_empty_output_lines(checkpoint, eval_predictions,
     assert result.returncode == 0, result.stderr
     outputs = result.stdout.splitlines()
     assert len(outputs) == len(commands.read_text().splitlines()) == 6
-    assert outputs == [eval_predictions[0], "", eval_predictions[1], "", "", eval_predictions[2]]
+    expected = eval_scan_file(checkpoint, PAIRS[:3], tmp_path)
+    assert outputs == [expected[0], "", expected[1], "", "", expected[2]]
 
 
 @pytest.mark.slow
@@ -107,13 +112,14 @@ def test_support_file_from_scan_export_merges_repeated_pairs(checkpoint, eval_pr
                               "jump=I_WALK); a support set gives each input one output\n")
 
 
-def test_commands_as_arguments_and_support_from_a_scan_file(capsys, checkpoint, eval_predictions, tmp_path):
+def test_commands_as_arguments_and_support_from_a_scan_file(capsys, checkpoint, tmp_path):
     support_file = tmp_path / "support.txt"
     support_file.write_text("".join(f"IN: {pair.replace('=', ' OUT: ')}\n" for pair in SUPPORT.split(",")))
     commands = [p.command for p in PAIRS[:5]]
+    expected = eval_scan_file(checkpoint, PAIRS[:5], tmp_path)
     for flags in (["--support", SUPPORT], ["--support_file", str(support_file)]):
         assert run_cli(cli, ["predict", "--checkpoint", str(checkpoint), *flags, *commands]) == 0
-        assert capsys.readouterr().out.splitlines() == eval_predictions[:5]
+        assert capsys.readouterr().out.splitlines() == expected
 
 
 def model_attention(checkpoint: Path, support: list[tuple[str, str]], command: str):
@@ -133,12 +139,12 @@ def model_attention(checkpoint: Path, support: list[tuple[str, str]], command: s
 
 
 @pytest.mark.slow
-def test_attention_as_text(checkpoint, eval_predictions):
+def test_attention_as_text(checkpoint, tmp_path):
     command = PAIRS[3].command
     result = run("--checkpoint", str(checkpoint), "--support", SUPPORT, "--attention", command)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == eval_predictions[3]
+    assert lines[0] == eval_scan_file(checkpoint, [PAIRS[3]], tmp_path)[0]
     support = [tuple(pair.split("=")) for pair in SUPPORT.split(",")]
     outputs, memory, decoder = model_attention(checkpoint, support, command)
     words = command.split() + ["<eos>"]
@@ -151,6 +157,23 @@ def test_attention_as_text(checkpoint, eval_predictions):
     assert len(rows) == len(outputs)
     for token, weights, line in zip(outputs, decoder, rows):
         assert line.split() == [f"{token}:", *[x for w, v in zip(words, weights) for x in (w, f"{float(v):.2f}")]]
+
+
+def test_attention_is_that_of_the_printed_output_among_longer_commands(checkpoint):
+    # Where the decoder attention covers padded query steps, a command's output depends on the longest command
+    # beside it: the attention shown must come from the decoding that wrote the printed output.
+    commands = sorted((p.command for p in PAIRS), key=len)
+    short, longest = commands[0], commands[-1]
+    result = run("--checkpoint", str(checkpoint), "--support", SUPPORT, "--attention", short, longest)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    decoder_at = lines.index("  decoder attention (output token: weight of each input word):")
+    written = []
+    for line in lines[decoder_at + 1:]:
+        if not line.startswith("  "):
+            break
+        written.append(line.split()[0].rstrip(":"))
+    assert [t for t in written if t != "<eos>"] == lines[0].split()
 
 
 @pytest.mark.parametrize("args, stdin, expected", [
