@@ -91,48 +91,35 @@ def publish(store: str, to: str | None, repo_id: str | None) -> None:
     click.echo(run_publish(store, to=to, repo_id=repo_id))
 
 
-def setting(name: str, *decls: str, **kwargs):
-    """A `train` option for the TrainConfig field `name`: its default and help text are the field's (one home)."""
+def option_of(name: str):
+    """The `train` option of the TrainConfig field `name`, made from the field alone (one home per setting):
+    its flag, type, default and help text."""
     spec = SETTINGS[name]
-    shown = spec.default not in (None, "") and not isinstance(spec.default, bool)
-    return click.option(*(decls or (f"--{name}",)), default=spec.default, help=spec.metadata["help"] or None,
-                        show_default=shown, **kwargs)
+    meta, kind = spec.metadata, str(spec.type)
+    kwargs = {"default": spec.default, "help": meta["help"] or None, "metavar": meta["metavar"]}
+    if meta["choices"]:
+        kwargs["type"] = click.Choice(meta["choices"])
+    elif kind == "bool" and not meta["flag"]:
+        kwargs["is_flag"] = True
+    elif kind.startswith("int"):
+        kwargs["type"] = int if meta["minimum"] is None else click.IntRange(min=meta["minimum"])
+    elif kind.startswith("float"):
+        kwargs["type"] = float
+    kwargs["show_default"] = spec.default not in (None, "") and not isinstance(spec.default, bool)
+    return click.option(meta["flag"] or f"--{name}", name, **kwargs)
+
+
+def train_options(command):
+    """Every TrainConfig field that is a command-line setting, as an option of `train`, in the fields' order."""
+    for name in reversed([n for n, spec in SETTINGS.items() if spec.metadata["flag"] != ""]):
+        command = option_of(name)(command)
+    return command
 
 
 @cli.command()
-@setting("episode_type", metavar="|".join(EPISODE_TYPES))
-@setting("store")
-@setting("num_episodes", type=int)
-@setting("batch_size", type=int)
-@setting("lr", type=float)
-@setting("lr_decay_schedule", type=int)
-@setting("nlayers", type=int)
-@setting("emb_size", type=int)
-@setting("dropout", type=float)
-@setting("max_length_eval", type=int)
-@setting("fn_out_model")
-@setting("dir_model")
-@setting("disable_memory", is_flag=True)
-@setting("disable_attention", is_flag=True)
-@setting("disable_recon_loss", is_flag=True)
-@setting("mask_query_padding", is_flag=True)
-@setting("pad_in_softmax", is_flag=True)
-@setting("keep_adam_at_decay", is_flag=True)
-@setting("workers", type=int)
-@setting("device", metavar="auto|cpu|cuda|cuda:N")
-@setting("gpu", type=click.IntRange(min=0), metavar="N")
-@setting("seed", type=int)
-@setting("seeds", metavar="0,1,...")
-@setting("resume", is_flag=True)
-@setting("overwrite", is_flag=True)
-@setting("val_every", type=int)
-@setting("checkpoint_every", type=int)
-@setting("amp", type=click.Choice(["none", "bf16"]))
-@setting("compile", "--compile", "compile_model", is_flag=True)
-@click.option("--no_generate", is_flag=True, help="Fail instead of generating a missing store.")
-@setting("progress", "--progress/--no_progress")
+@train_options
 @threads_option
-def train(no_generate: bool, compile_model: bool, **kwargs) -> None:
+def train(**kwargs) -> None:
     """Train the meta seq2seq model on the episode store; checkpoints go to dir_model.
     Ctrl-C (SIGINT) or SIGTERM: the current step ends, the checkpoint is saved, exit 130."""
     from trainer.signals import TrainingInterrupted  # here: torch is slow to import
@@ -141,7 +128,7 @@ def train(no_generate: bool, compile_model: bool, **kwargs) -> None:
     if "seeds" in given:
         given["seeds"] = parse_seeds(given["seeds"])
     try:
-        result = run_train(TrainConfig(generate_missing_store=not no_generate, compile=compile_model, **given))
+        result = run_train(TrainConfig(**given))
     except TrainingInterrupted as err:  # saved: one line from rank 0, not click's generic "Aborted"
         if err.is_main:
             click.echo(str(err), err=True)

@@ -45,9 +45,14 @@ def default_lr(batch_size: int) -> float:
     return PAPER_LR if batch_size == 1 else BATCHED_LR
 
 
-def setting(default, help: str = "", *, resume: bool = False, run: bool = False, grid: bool = False):
-    """A TrainConfig field: its default, its --help text, and where else it matters (see the module doc)."""
-    return field(default=default, metadata={"help": help, "resume": resume, "run": run, "grid": grid})
+def setting(default, help: str = "", *, resume: bool = False, run: bool = False, grid: bool = False,
+            flag: str | None = None, metavar: str | None = None, choices: tuple[str, ...] | None = None,
+            minimum: int | None = None):
+    """A TrainConfig field: its default, its --help text, where else it matters (see the module doc), and how
+    `train` takes it: `--NAME` of the field's type, or `flag` ("" for none: not a command-line setting)."""
+    return field(default=default, metadata={"help": help, "resume": resume, "run": run, "grid": grid,
+                                            "flag": flag, "metavar": metavar, "choices": choices,
+                                            "minimum": minimum})
 
 
 # Settings that must match for --resume to continue the same run, and identify a run of a grid.
@@ -57,7 +62,8 @@ SAME_RUN = dict(resume=True, run=True)
 @dataclass
 class TrainConfig:
     episode_type: str | None = setting(
-        None, "What to train on.  [default: the type of --store (its manifest), else ME]", **SAME_RUN)
+        None, "What to train on.  [default: the type of --store (its manifest), else ME]", **SAME_RUN,
+        metavar="ME|scan_...|module:family")
     store: str | None = setting(
         None, "Episode store directory, generated there if missing.  [default: shards/<episode_type>]")
     # Not a resume setting: resuming with a larger one extends a run (data order and lr schedule continue).
@@ -92,26 +98,29 @@ class TrainConfig:
         False, "Not as the original: Adam keeps its moment estimates across each lr decay (the original starts "
                "a fresh Adam there).", **SAME_RUN, grid=True)
     workers: int = setting(1, "DataLoader worker processes per process.", **SAME_RUN, grid=True)
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N (one GPU of several).", grid=True)
-    gpu: int | None = setting(None, "As the original code: train on GPU N, the same as --device cuda:N.")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N (one GPU of several).", grid=True,
+                          metavar="auto|cpu|cuda|cuda:N")
+    gpu: int | None = setting(None, "As the original code: train on GPU N, the same as --device cuda:N.", metavar="N",
+                              minimum=0)
     seed: int = setting(0, **SAME_RUN)
     resume: bool = setting(
         False, "Continue from the checkpoint at dir_model/fn_out_model; a larger --num_episodes extends it.")
     overwrite: bool = setting(False, "Replace an existing checkpoint (and its metrics log and curve).")
-    clip: float = setting(50.0, resume=True)  # gradient-norm clip, the paper's
+    clip: float = setting(50.0, resume=True, flag="")  # gradient-norm clip, the paper's
     val_every: int = setting(100, "Validate and log a line every this many episodes.", grid=True)
     checkpoint_every: int = setting(
         1000, "Write the checkpoint (and redraw the curve) every this many episodes.", grid=True)
     amp: str = setting("none", "bf16 autocast of matrix products (CUDA, or a CPU where a bf16 training step runs).",
-                       run=True, grid=True)
+                       choices=("none", "bf16"), run=True, grid=True)
     compile: bool = setting(False, "torch.compile the model.")
-    generate_missing_store: bool = setting(True)
-    progress: bool = setting(True, "Show a progress bar.")
-    stop_after: int | None = setting(None)  # stop (with a checkpoint) after this many episodes: for tests
+    generate_missing_store: bool = setting(True, "Generate a missing store first (--no_generate: fail instead).",
+                                           flag="--generate_missing_store/--no_generate")
+    progress: bool = setting(True, "Show a progress bar.", flag="--progress/--no_progress")
+    stop_after: int | None = setting(None, flag="")  # stop (with a checkpoint) after this many episodes: for tests
     seeds: tuple[int, ...] | None = setting(
         None, "Train these seeds as one stack, in one process: model k is the run `--seed k` would make, written "
               "to DIR_MODEL/seed<k>/. --store may contain {seed} for each model's own store. Under torchrun the "
-              "seeds are split over the processes.")
+              "seeds are split over the processes.", metavar="0,1,...")
 
     def __post_init__(self):
         if self.episode_type is None and self.store is None:

@@ -2,7 +2,7 @@
 how it is restored from a checkpoint for --resume, and what a checkpoint holds."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,10 +19,11 @@ if TYPE_CHECKING:
 
 
 def model_config(cfg: TrainConfig, manifest: dict) -> ModelConfig:
-    return ModelConfig(input_vocab_size=len(manifest["input_vocab"]), output_vocab_size=len(manifest["output_vocab"]),
-                       emb_size=cfg.emb_size, nlayers=cfg.nlayers, dropout=cfg.dropout,
-                       disable_memory=cfg.disable_memory, disable_attention=cfg.disable_attention,
-                       mask_query_padding=cfg.mask_query_padding, pad_in_softmax=cfg.pad_in_softmax)
+    """The model of a run: each ModelConfig field is the TrainConfig field of its name (one home per setting),
+    but for the vocabulary sizes, which are the store's."""
+    settings = {f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if hasattr(cfg, f.name)}
+    return ModelConfig(input_vocab_size=len(manifest["input_vocab"]),
+                       output_vocab_size=len(manifest["output_vocab"]), **settings)
 
 
 class LossWrapper(torch.nn.Module):
