@@ -215,6 +215,33 @@ def eval_command(checkpoint: str | None, dir_model: str | None, fn_in_model: str
     click.echo(f"report: {cfg.out_dir}")
 
 
+@cli.command("eval-mlc")
+@click.option("--checkpoint", required=True,
+              help="A checkpoint written by `train`, e.g. out_models/net_mlc_algebraic.pt.")
+@click.option("--mlc_episode", "episode", required=True, metavar="PATH",
+              help="The task as one episode in MLC's text format (*SUPPORT*, *QUERY*, *GRAMMAR* blocks of "
+                   "`IN: ... OUT: ...` lines), gold outputs: e.g. MLC's few-shot task, val_gold/mini_scan.txt.")
+@click.option("--mlc_human", "human", multiple=True, metavar="PATH",
+              help="An MLC human-response file of that episode (repeatable): also report how often people "
+                   "answered what the model answers.")
+@click.option("--mlc_remappings", "remappings", type=int, default=100, show_default=True,
+              help="Random remappings of the episode's words and output symbols onto the model's.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The remappings' seed (numpy default_rng).")
+@click.option("--out", default=None,
+              help="Report directory; replaced whole by each run.  [default: <checkpoint dir>/<checkpoint stem>.mlc]")
+@click.option("--max_length_eval", "max_length", type=int, default=None,
+              help="Greedy decoding steps.  [default: the checkpoint's]")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@threads_option
+def eval_mlc(**kwargs) -> None:
+    """MLC's few-shot instruction task (Lake & Baroni 2023): greedy exact match on the episode's queries through
+    random remappings, mean and sd over them; write DIR/results.json and predictions (docs/mlc.md)."""
+    from evalsuite.mlc import MlcEvalConfig, evaluate_mlc, summary_table  # here: it loads torch
+    cfg = MlcEvalConfig(**kwargs)
+    click.echo(summary_table(evaluate_mlc(cfg)))
+    click.echo(f"report: {cfg.out_dir}")
+
+
 @cli.command()
 @click.option("--checkpoint", required=True,
               help="A checkpoint written by `train`, e.g. out_models/net_ME.pt, or the original code's net_T.tar.")

@@ -5,6 +5,9 @@ the project's packages, and never copied into them.
   train.py and test.py). Default: ../shared/original beside the checkout.
 - METASEQ2SEQ_SCAN: the official SCAN files, a clone of brendenlake/SCAN (its split folders are searched,
   so the clone works as it is) or a folder holding the tasks_*.txt files. Default: ../shared/scan.
+- METASEQ2SEQ_MLC: MLC's few-shot task (Lake & Baroni 2023), a folder with few_shot_gold.txt (brendenlake/MLC's
+  data_human/few_shot/val_gold/mini_scan.txt) and few_shot_human_00.txt ... (its val_behavior/ files).
+  Default: ../shared/mlc.
 
 Where one is absent, what needs it skips, and the skip message names the variable to set.
 """
@@ -16,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORIGINAL_VAR, SCAN_VAR = "METASEQ2SEQ_ORIGINAL", "METASEQ2SEQ_SCAN"
+ORIGINAL_VAR, SCAN_VAR, MLC_VAR = "METASEQ2SEQ_ORIGINAL", "METASEQ2SEQ_SCAN", "METASEQ2SEQ_MLC"
 ORIGINAL_MODULES = ("model", "masked_cross_entropy", "generate_episode")  # the original imports these bare names
 
 
@@ -33,6 +36,11 @@ def original_dir() -> Path:
 def scan_dir() -> Path:
     """The official SCAN files: $METASEQ2SEQ_SCAN, else ../shared/scan."""
     return _location(SCAN_VAR, ROOT.parent / "shared" / "scan")
+
+
+def mlc_dir() -> Path:
+    """MLC's few-shot task files: $METASEQ2SEQ_MLC, else ../shared/mlc."""
+    return _location(MLC_VAR, ROOT.parent / "shared" / "mlc")
 
 
 def scan_file(name: str) -> Path | None:
@@ -55,6 +63,12 @@ def scan_missing(name: str = "") -> str:
     what = f"the official SCAN file {name}" if name else "the official SCAN files"
     return (f"{what} (brendenlake/SCAN) not found in {scan_dir()}: set {SCAN_VAR} to a clone of it "
             "(README, 'Checks against the original code and SCAN')")
+
+
+def mlc_missing(name: str = "few_shot_gold.txt") -> str:
+    """The skip message where MLC's few-shot task files are absent."""
+    return (f"MLC's few-shot task file {name} (brendenlake/MLC, data_human/few_shot) is not in {mlc_dir()}: set "
+            f"{MLC_VAR} to a folder that holds it (docs/mlc.md)")
 
 
 @contextmanager
