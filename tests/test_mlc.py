@@ -159,6 +159,7 @@ def test_human_agreement_is_the_share_of_answers_equal_to_the_models(tmp_path):
     assert score_human(episode, humans, [one_to_one] * 10)["per_query"][0]["agreement"] == pytest.approx(100 / 3)
 
 
+@needs_gold
 @needs_humans
 def test_the_human_files_give_the_papers_human_accuracy():
     """People gave the gold output for 80.7% of a query's responses, averaged over the 10 queries."""
@@ -191,6 +192,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return folder / "out_models" / "net_mlc_algebraic.pt"
 
 
+@pytest.mark.slow
 @needs_gold
 def test_eval_mlc_scores_a_checkpoint_through_100_remappings(checkpoint, tmp_path):
     human = [str(p) for p in HUMANS[:2]]
@@ -211,9 +213,10 @@ def test_eval_mlc_scores_a_checkpoint_through_100_remappings(checkpoint, tmp_pat
     assert (tmp_path / "report" / "predictions_mlc_few_shot.jsonl").read_text().splitlines() == lines
 
 
-def test_eval_mlc_refuses_a_malformed_episode_in_one_line(checkpoint, tmp_path):
+def test_eval_mlc_refuses_a_malformed_episode_in_one_line(tmp_path):
+    """Before any checkpoint is read: the episode file is checked first."""
     (tmp_path / "bad.txt").write_text("*SUPPORT*\nIN: 1 OUT: 1\n")
-    done = cli("eval-mlc", "--checkpoint", str(checkpoint), "--mlc_episode", "bad.txt", cwd=tmp_path)
+    done = cli("eval-mlc", "--checkpoint", "no_such.pt", "--mlc_episode", "bad.txt", cwd=tmp_path)
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0
     assert done.stderr.startswith("error: bad.txt: not an MLC episode")
 
