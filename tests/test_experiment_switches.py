@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 from pathlib import Path
 
@@ -65,35 +66,24 @@ def test_default_softmax_is_the_originals_six_classes():
     assert (model.greedy_decode(batch, 8).tokens[..., 0] != PAD_ID).all()  # never decoded
 
 
-def test_checkpoints_from_before_the_setting_keep_pad_in_their_softmax():
+def test_checkpoints_from_before_the_setting_keep_pad_in_their_softmax(tmp_path):
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
     config = ModelConfig(len(TOKENIZER.input_vocab), len(TOKENIZER.output_vocab)).to_dict()
     del config["pad_in_softmax"]
-    assert ModelConfig.from_dict(config).pad_in_softmax
+    save_checkpoint(tmp_path / "old.pt", {"model_config": config, "train_config": {}})
+    assert ModelConfig.from_dict(load_checkpoint(tmp_path / "old.pt")["model_config"]).pad_in_softmax
 
 
-def test_gradient_norms_are_each_models_norm_before_the_clip(capsys):
-    from test_model import V_IN, V_OUT, batch_of, random_episodes
-    import trainer.train_stack as train_stack
-    from trainer.stacked import StackedMetaSeq2Seq
-    script, clip = load_script("me_gradient_norms"), train_stack.clip_grad_norms_
-    models = []
-    for seed in range(2):
-        torch.manual_seed(seed)
-        models.append(MetaSeq2Seq(ModelConfig(V_IN, V_OUT, emb_size=16, dropout=0.0)).double())
-    episodes = random_episodes(2, ((3, 4), (2, 5)))
-    try:
-        norms = script.record_norms(every=1, clip=0.5)
-        stack = StackedMetaSeq2Seq(models)
-        stack.loss(batch_of(episodes)).sum().backward()
-        train_stack.clip_grad_norms_(stack, 0.5)
-    finally:
-        train_stack.clip_grad_norms_ = clip
-    for m, model in enumerate(models):  # each model alone, on its own episode: the norm the clip saw
-        model.loss(batch_of(episodes[m:m + 1])).backward()
-        torch.testing.assert_close(norms[0][m], torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9),
-                                   rtol=1e-6, atol=0)
-    over = int((norms[0] > 0.5).sum())
-    assert f"over 0.5: {over}" in capsys.readouterr().out
+def test_gradient_norms_are_summarised_from_the_metrics_log(tmp_path):
+    script = load_script("me_gradient_norms")
+    log = tmp_path / "net_ME.metrics.jsonl"
+    rows = [{"episodes": 100, "loss": 1.0, "grad_norm": 2.0, "grad_norm_max": 4.0},
+            {"episodes": 200, "loss": 0.5, "grad_norm": 6.0, "grad_norm_max": 60.0}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert script.summary(log) == (f"{log}: 2 rows to episode 200: largest norm 60.00, mean 4.00, rows with a step "
+                                   "over 50: 1")
+    log.write_text(json.dumps({"episodes": 100, "loss": 1.0}) + "\n")  # a log from before the norms were logged
+    assert script.summary(log).endswith("no gradient norms logged")
 
 
 def test_adopted_six_class_runs_train_as_todays_default(tmp_path):
@@ -113,7 +103,9 @@ def test_adopted_six_class_runs_train_as_todays_default(tmp_path):
     assert ModelConfig.from_dict(load_checkpoint(path)["model_config"]).pad_in_softmax  # before: the old default
     script.adopt(path)
     ckpt = load_checkpoint(path)
-    assert ckpt["train_config"] == {"seed": 0, "pad_in_softmax": False}
+    # Read under today's names: what it was trained with then (query padding masked, Adam kept), and the switch.
+    assert ckpt["train_config"] == {"seed": 0, "pad_in_softmax": False, "mask_query_padding": True,
+                                    "keep_adam_at_decay": True}
     adopted = MetaSeq2Seq(ModelConfig.from_dict(ckpt["model_config"]))
     adopted.load_state_dict(ckpt["model"])
     assert not adopted.cfg.pad_in_softmax

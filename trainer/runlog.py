@@ -90,17 +90,21 @@ class RunLog:
         if len(kept) < len(rows):
             write_bytes_atomically(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
-    def record(self, state: TrainState, rate: float, loss: float, bar) -> None:
-        self.record_row(state, rate, loss, state.optimizer.param_groups[0]["lr"])
+    def record(self, state: TrainState, rate: float, loss: float, bar, grad_norms=()) -> None:
+        self.record_row(state, rate, loss, state.optimizer.param_groups[0]["lr"], grad_norms=grad_norms)
         message = log_line(state, rate, loss)
         if bar.disable:
             print(message, flush=True)
         else:
             bar.write(message)  # above the progress bar, which stays at the bottom
 
-    def record_row(self, state: TrainState, rate: float, loss: float, lr: float, stack_models: int = 1) -> None:
-        """A stack's rows give its rate summed over its models, and how many (stack_models)."""
+    def record_row(self, state: TrainState, rate: float, loss: float, lr: float, stack_models: int = 1,
+                   grad_norms=()) -> None:
+        """A stack's rows give its rate summed over its models, and how many (stack_models). `grad_norms`: the
+        model's gradient norm before the clip at each step since the last row (their mean and largest)."""
+        norms = [float(n) for n in grad_norms]
         row = {"episodes": state.episodes_done, "episodes_per_s": round(rate, 2), "loss": loss, "lr": lr,
+               **({"grad_norm": sum(norms) / len(norms), "grad_norm_max": max(norms)} if norms else {}),
                "threads": torch.get_num_threads(), **({"stack_models": stack_models} if stack_models > 1 else {}),
                **{f"val_{k}": v for k, v in state.last_val.items()}}
         with open(self.metrics_path, "a") as f:

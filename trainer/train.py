@@ -44,14 +44,15 @@ def validate(state: TrainState, val_records: list[dict], tokenizer: Tokenizer, c
 
 
 def train_step(state: TrainState, loss_module: torch.nn.Module, batch, cfg: TrainConfig,
-               episodes: int | None = None) -> float:
-    """One optimizer step on `batch`; `episodes` is the step's count over all processes (default: the batch's)."""
+               episodes: int | None = None) -> tuple[float, float]:
+    """One optimizer step on `batch`; `episodes` is the step's count over all processes (default: the batch's).
+    Returns the loss and the gradient norm before the clip."""
     autocast = torch.autocast(batch.query_in.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     with autocast:
         loss = loss_module(batch)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip)
+    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip)
     state.optimizer.step()
     decays_before = state.episodes_done // cfg.lr_decay_schedule
     state.episodes_done += batch.num_episodes if episodes is None else episodes
@@ -59,7 +60,7 @@ def train_step(state: TrainState, loss_module: torch.nn.Module, batch, cfg: Trai
     if not cfg.keep_adam_at_decay and state.episodes_done // cfg.lr_decay_schedule > decays_before:
         state.optimizer.state.clear()  # Adam starts again: its moments and bias correction, at the new lr
     state.scheduler.step()  # after counting the episodes: the lr follows the episodes seen
-    return float(loss.detach())
+    return float(loss.detach()), float(norm)
 
 
 def resumed_batches(loader, state: TrainState):
@@ -214,7 +215,7 @@ def _steps(state: TrainState, session: Session, loss_module, batches, validation
     """Train until `target` episodes, the end of the data, or a stop request (checked between steps, agreed
     by all processes); returns (stopped by request, episode count last saved)."""
     cfg, ctx, device = session.cfg, session.ctx, session.device
-    losses, window_start, window_episodes = [], time.perf_counter(), 0
+    steps, window_start, window_episodes = [], time.perf_counter(), 0   # (loss, gradient norm) per step
     while state.episodes_done < target:
         keys, batch, offset = next(batches, (None, None, 0))
         total, smallest, stopping = distributed.step_totals(ctx, len(keys) if keys else 0, stop.requested, device)
@@ -224,7 +225,7 @@ def _steps(state: TrainState, session: Session, loss_module, batches, validation
         if used < total:  # the last batch stops exactly at --num_episodes (one process only)
             batch = batch.take(used)
         before = state.episodes_done
-        losses.append(train_step(state, loss_module, batch.to(device, non_blocking=True), cfg, episodes=used))
+        steps.append(train_step(state, loss_module, batch.to(device, non_blocking=True), cfg, episodes=used))
         advance_position(state, offset, used, len(keys), ctx.active)
         window_episodes += used
         bar.update(used)
@@ -232,8 +233,9 @@ def _steps(state: TrainState, session: Session, loss_module, batches, validation
             if ctx.is_main:
                 state.last_val = validate(state, *validation, cfg, device)
                 rate = window_episodes / (time.perf_counter() - window_start)
-                run.record(state, rate, sum(losses) / len(losses), bar)
-            losses, window_start, window_episodes = [], time.perf_counter(), 0
+                losses, norms = zip(*steps)
+                run.record(state, rate, sum(losses) / len(losses), bar, norms)
+            steps, window_start, window_episodes = [], time.perf_counter(), 0
         if crossed(before, state.episodes_done, cfg.checkpoint_every) or state.episodes_done >= target:
             saved_at = save(state, session, run)
     return False, saved_at

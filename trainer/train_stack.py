@@ -266,7 +266,7 @@ def _stack_loop(cfg: TrainConfig, state: TrainState, members: list[Member], devi
 
 def _stack_steps(cfg, state: TrainState, members: list[Member], batches, tokenizer, device, stop, bar, target,
                  saved_at):
-    losses, window_start, window_episodes = [], time.perf_counter(), 0
+    steps, window_start, window_episodes = [], time.perf_counter(), 0   # (M losses, M gradient norms) per step
     M = len(members)
     while state.episodes_done < target and not stop.requested:
         keys, batch, offset = next(batches, (None, None, 0))
@@ -277,14 +277,15 @@ def _stack_steps(cfg, state: TrainState, members: list[Member], batches, tokeniz
         if used < available:  # the last step stops exactly at --num_episodes
             batch = take_per_model(batch, M, available, used)
         before = state.episodes_done
-        losses.append(stack_step(state, batch.to(device, non_blocking=True), cfg, used))
+        steps.append(stack_step(state, batch.to(device, non_blocking=True), cfg, used))
         advance_position(state, offset, used, available, False)
         window_episodes += used * M
         bar.update(used)
         if crossed(before, state.episodes_done, cfg.val_every) or state.episodes_done >= target:
             rate = window_episodes / (time.perf_counter() - window_start)
-            record_all(state, members, torch.stack(losses).mean(0).tolist(), rate, tokenizer, cfg, device, bar)
-            losses, window_start, window_episodes = [], time.perf_counter(), 0
+            losses, norms = (torch.stack(x) for x in zip(*steps))           # (steps, M) each
+            record_all(state, members, losses.mean(0).tolist(), norms.t(), rate, tokenizer, cfg, device, bar)
+            steps, window_start, window_episodes = [], time.perf_counter(), 0
         if crossed(before, state.episodes_done, cfg.checkpoint_every) or state.episodes_done >= target:
             save_all(state, members)
             saved_at = state.episodes_done
@@ -297,12 +298,12 @@ def take_per_model(batch, M: int, per_model: int, used: int):
     return type(batch)(**{name: value[keep] for name, value in vars(batch).items()})
 
 
-def stack_step(state: TrainState, batch, cfg: TrainConfig, episodes: int) -> torch.Tensor:
-    """One optimizer step of every model; returns the M losses (detached)."""
+def stack_step(state: TrainState, batch, cfg: TrainConfig, episodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of every model; returns the M losses and the M gradient norms before the clip."""
     losses = state.model.loss(batch)                                        # (M,)
     state.optimizer.zero_grad(set_to_none=True)
     losses.sum().backward()  # the models share no weight: each gets the gradient of its own loss
-    clip_grad_norms_(state.model, cfg.clip)
+    norms = clip_grad_norms_(state.model, cfg.clip)
     state.optimizer.step()
     decays_before = state.episodes_done // cfg.lr_decay_schedule
     state.episodes_done += episodes
@@ -310,16 +311,16 @@ def stack_step(state: TrainState, batch, cfg: TrainConfig, episodes: int) -> tor
     if not cfg.keep_adam_at_decay and state.episodes_done // cfg.lr_decay_schedule > decays_before:
         state.optimizer.state.clear()
     state.scheduler.step()
-    return losses.detach().cpu()
+    return losses.detach().cpu(), norms.detach().cpu()
 
 
-def record_all(state: TrainState, members: list[Member], losses: list[float], rate: float, tokenizer, cfg,
-               device, bar) -> None:
+def record_all(state: TrainState, members: list[Member], losses: list[float], grad_norms: torch.Tensor,
+               rate: float, tokenizer, cfg, device, bar) -> None:
     scores = validate_stack(state.model, [m.val_records for m in members], tokenizer, cfg.max_length_eval, device)
     lr = state.optimizer.param_groups[0]["lr"]
-    for member, loss, val in zip(members, losses, scores):
+    for member, loss, norms, val in zip(members, losses, grad_norms.tolist(), scores):
         member.state.episodes_done, member.state.last_val = state.episodes_done, val
-        member.run.record_row(member.state, rate, loss, lr, stack_models=len(members))
+        member.run.record_row(member.state, rate, loss, lr, stack_models=len(members), grad_norms=norms)
     gen = " ".join(f"{m.cfg.seed}:{_fmt(v['generalization'])}" for m, v in zip(members, scores))
     message = (f"episode {state.episodes_done} | {rate:.1f} episodes/s (all models) | loss "
                f"{sum(losses) / len(losses):.4f} (mean) | val generalization by seed {gen}")
