@@ -3,19 +3,15 @@ how it is restored from a checkpoint for --resume, and what a checkpoint holds."
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline import store as episode_store, threads
 from pipeline.errors import UserError
 from trainer import distributed
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.checkpoint import load_checkpoint
 from trainer.config import RESUME_KEYS, TrainConfig
 from trainer.model import MetaSeq2Seq, ModelConfig
-
-if TYPE_CHECKING:
-    from trainer.runlog import RunLog
 
 
 def model_config(cfg: TrainConfig, manifest: dict) -> ModelConfig:
@@ -129,10 +125,3 @@ def checkpoint_payload(state: TrainState, session: Session) -> dict:
         "provenance": session.provenance, "provenance_history": state.history,
     }
 
-
-def save(state: TrainState, session: Session, run: RunLog) -> int:
-    """Rank 0 redraws the curve and writes the checkpoint (atomically); returns the episode count saved."""
-    if session.ctx.is_main:
-        run.draw()
-        save_checkpoint(session.cfg.checkpoint_path, checkpoint_payload(state, session))
-    return state.episodes_done

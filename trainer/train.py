@@ -23,7 +23,7 @@ from pipeline import provenance, threads
 from pipeline import store as episode_store
 from pipeline.errors import UserError
 from trainer import distributed
-from trainer.checkpoint import claim_checkpoint
+from trainer.checkpoint import claim_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, check_checkpoint_target, check_config, recipe, with_store_episode_type
 from trainer.data import StreamConfig, Tokenizer, make_loader, read_records
 from trainer.device import device_name, requested_device, resolve_device
@@ -32,7 +32,8 @@ from trainer.metrics import score_episodes
 from trainer.precision import use_exact_fp32
 from trainer.runlog import RunLog, crossed
 from trainer.signals import StopRequest, TrainingInterrupted
-from trainer.state import LossWrapper, Session, TrainState, build_state, check_resumable, restore, save
+from trainer.state import (LossWrapper, Session, TrainState, build_state, check_resumable, checkpoint_payload,
+                           restore)
 from trainer.stores import prepare_store, train_shards
 
 
@@ -61,6 +62,14 @@ def train_step(state: TrainState, loss_module: torch.nn.Module, batch, cfg: Trai
         state.optimizer.state.clear()  # Adam starts again: its moments and bias correction, at the new lr
     state.scheduler.step()  # after counting the episodes: the lr follows the episodes seen
     return float(loss.detach()), float(norm)
+
+
+def save(state: TrainState, session: Session, run: RunLog) -> int:
+    """Rank 0 redraws the curve and writes the checkpoint (atomically); returns the episode count saved."""
+    if session.ctx.is_main:
+        run.draw()
+        save_checkpoint(session.cfg.checkpoint_path, checkpoint_payload(state, session))
+    return state.episodes_done
 
 
 def resumed_batches(loader, state: TrainState):
