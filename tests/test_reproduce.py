@@ -29,7 +29,7 @@ def reproduce(out: Path, *args: str, timeout: int = 600) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def tiny_grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("grid")
-    result = reproduce(out, "--experiments", "ME,scan_around_right", "--seeds", "0,1", *TINY)
+    result = reproduce(out, "--experiments", "ME,scan_around_right", "--seeds", "0,1", "--stacked", *TINY)
     assert result.returncode == 0, result.stderr + result.stdout
     return out, result
 
@@ -74,7 +74,7 @@ def test_running_the_same_grid_again_skips_every_run(tiny_grid):
     out, _ = tiny_grid
     checkpoints = sorted(out.glob("*/full/seed*/net_*.pt"))
     before = [p.stat().st_mtime_ns for p in checkpoints]
-    again = reproduce(out, "--experiments", "ME,scan_around_right", "--seeds", "0,1", *TINY)
+    again = reproduce(out, "--experiments", "ME,scan_around_right", "--seeds", "0,1", "--stacked", *TINY)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("[skip]") == 4 and "done (train" not in again.stdout
     assert [p.stat().st_mtime_ns for p in checkpoints] == before
@@ -279,7 +279,7 @@ def test_a_killed_stack_resumes_every_seed_from_its_checkpoint(tmp_path):
     """Two seeds in one stack, interrupted mid-training: both checkpoint at the same episode, and the same
     command resumes the stack from there; no episode is trained twice."""
     args = ["--experiments", "ME", "--seeds", "0,1", "--num_episodes", "800", "--emb_size", "16", "--nlayers", "1",
-            "--threads", "1", "--val_every", "40", "--checkpoint_every", "40", "--num_val_episodes", "2"]
+            "--threads", "1", "--val_every", "40", "--checkpoint_every", "40", "--num_val_episodes", "2", "--stacked"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     grid = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "reproduce", "--out", str(tmp_path), *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
