@@ -148,7 +148,7 @@ def check_grid(cfg: ReproduceConfig) -> None:
             raise UserError(f"unknown {name} {unknown[0] if unknown else '(none given)'!r}; choose from: "
                             f"{', '.join(known)}" + (", or a family of your own as module:attribute"
                                                      if name == "experiment" else ""))
-    for experiment in cfg.experiments:
+    for experiment in set(cfg.experiments) - set(EPISODE_TYPES):
         get_sampler(experiment)  # a family that cannot be loaded is one line, before any work
     if not cfg.seeds or any(not isinstance(s, int) or s < 0 for s in cfg.seeds):
         raise UserError(f"--seeds must be non-negative integers, got {cfg.seeds!r}")
