@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.families import EpisodeFamily, family_problems
+from pipeline.families import family_problems
 from pipeline.samplers import get_sampler
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,6 @@ The parameter names are those of MetaSeq2Seq (`model_state_dict(m)` is an ordina
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

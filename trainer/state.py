@@ -125,3 +125,30 @@ def checkpoint_payload(state: TrainState, session: Session) -> dict:
         "provenance": session.provenance, "provenance_history": state.history,
     }
 
+
+# ---- where the data stream stands ------------------------------------------------------------------------
+
+def resumed_batches(loader, state: TrainState):
+    """(keys, batch, offset in its loader batch) from where the state left off. The stream is a pure function
+    of the seed, so skip what was trained; a batch that a run's last step cut short gives the rest first."""
+    batches = iter(loader)
+    for _ in range(state.batches):
+        if next(batches, None) is None:
+            return
+    if state.partial:
+        item = next(batches, None)
+        if item is None:
+            return
+        keys, batch = item
+        yield keys[state.partial:], batch.drop(state.partial), state.partial
+    for keys, batch in batches:
+        yield keys, batch, 0
+
+
+def advance_position(state: TrainState, offset: int, used: int, available: int, several_processes: bool) -> None:
+    """Where the data stream stands after a step that trained `used` episodes of a loader batch that held
+    `available` from `offset` on (under torchrun each process always takes its whole batch)."""
+    if several_processes or used == available:
+        state.batches, state.partial = state.batches + 1, 0
+    else:
+        state.partial = offset + used

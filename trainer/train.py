@@ -32,8 +32,8 @@ from trainer.metrics import score_episodes
 from trainer.precision import use_exact_fp32
 from trainer.runlog import RunLog, crossed
 from trainer.signals import StopRequest, TrainingInterrupted
-from trainer.state import (LossWrapper, Session, TrainState, build_state, check_resumable, checkpoint_payload,
-                           restore)
+from trainer.state import (LossWrapper, Session, TrainState, advance_position, build_state, check_resumable,
+                           checkpoint_payload, restore, resumed_batches)
 from trainer.stores import prepare_store, train_shards
 
 
@@ -72,23 +72,6 @@ def save(state: TrainState, session: Session, run: RunLog) -> int:
     return state.episodes_done
 
 
-def resumed_batches(loader, state: TrainState):
-    """(keys, batch, offset in its loader batch) from where the state left off. The stream is a pure function
-    of the seed, so skip what was trained; a batch that a run's last step cut short gives the rest first."""
-    batches = iter(loader)
-    for _ in range(state.batches):
-        if next(batches, None) is None:
-            return
-    if state.partial:
-        item = next(batches, None)
-        if item is None:
-            return
-        keys, batch = item
-        yield keys[state.partial:], batch.drop(state.partial), state.partial
-    for keys, batch in batches:
-        yield keys, batch, 0
-
-
 # ---- the run ----------------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig) -> dict:
@@ -97,7 +80,7 @@ def train(cfg: TrainConfig) -> dict:
     Raises TrainingInterrupted (a KeyboardInterrupt) after saving, when SIGINT or SIGTERM stopped it.
     With cfg.seeds, trains them as one stack and returns each seed's result (trainer/train_stack.py)."""
     if cfg.seeds:
-        from trainer.train_stack import train_stack  # it builds on this module
+        from trainer.train_stack import train_stack  # here: a single run does not need it
         return train_stack(cfg)
     name = requested_device(cfg.device, cfg.gpu)
     ctx = distributed.setup(resolve_device(name).type)
@@ -248,12 +231,3 @@ def _steps(state: TrainState, session: Session, loss_module, batches, validation
         if crossed(before, state.episodes_done, cfg.checkpoint_every) or state.episodes_done >= target:
             saved_at = save(state, session, run)
     return False, saved_at
-
-
-def advance_position(state: TrainState, offset: int, used: int, available: int, several_processes: bool) -> None:
-    """Where the data stream stands after a step that trained `used` episodes of a loader batch that held
-    `available` from `offset` on (under torchrun each process always takes its whole batch)."""
-    if several_processes or used == available:
-        state.batches, state.partial = state.batches + 1, 0
-    else:
-        state.partial = offset + used

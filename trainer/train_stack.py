@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import provenance, threads
+from pipeline import provenance
 from pipeline import store as episode_store
 from pipeline.errors import UserError
 from trainer import distributed
@@ -35,9 +35,9 @@ from trainer.device import device_name, requested_device, resolve_device
 from trainer.metrics import score_episodes
 from trainer.runlog import RunLog, _fmt, crossed
 from trainer.signals import StopRequest, TrainingInterrupted
-from trainer.state import Session, TrainState, build_state, checkpoint_payload, restore
+from trainer.state import (Session, TrainState, advance_position, build_state, checkpoint_payload, restore,
+                           resumed_batches)
 from trainer.stores import prepare_store, train_shards
-from trainer.train import advance_position, resumed_batches
 
 
 
