@@ -5,11 +5,14 @@ hidden (`.name.tmp-PID`), so neither the `train-*.tar` patterns of the dataset c
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from filelock import FileLock, Timeout
 
 from pipeline.errors import UserError
 
@@ -154,3 +157,18 @@ def swap_dir_in(fresh: Path, target: Path, old: Path) -> None:
     except BaseException:
         os.replace(old, target)
         raise
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path, busy: str):
+    """Hold `lock_file` for the block, or fail at once with UserError(busy) while another process holds it:
+    one writer at a time. The OS drops the lock when its holder dies."""
+    lock = FileLock(lock_file)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(busy) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -10,10 +10,9 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 
 from pipeline.errors import UserError
-from pipeline.shardio import check_writable_dir, write_atomically
+from pipeline.shardio import check_writable_dir, exclusive, write_atomically
 from trainer.config import SETTINGS, upgrade_settings
 
 CHECKPOINT_FORMAT = "metaseq2seq-checkpoint"
@@ -37,20 +36,14 @@ def claim_checkpoint(path: Path):
     made = _missing_dirs(path.parent)
     check_writable_dir(path.parent, "--dir_model")
     lock_file = path.parent / f".{path.name}.lock"
-    lock = FileLock(lock_file)
+    busy = (f"another train is writing {path} (it holds {lock_file}): wait for it to end, or give another "
+            "--dir_model or --fn_out_model")
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        _remove_if_unused(made, lock_file)
-        raise UserError(f"another train is writing {path} (it holds {lock_file}): wait for it to end, or give "
-                        "another --dir_model or --fn_out_model") from None
-    try:
-        yield
+        with exclusive(lock_file, busy):
+            yield
     except BaseException:
         _remove_if_unused(made, lock_file)
         raise
-    finally:
-        lock.release()
 
 
 def _missing_dirs(directory: Path) -> list[Path]:
