@@ -318,9 +318,12 @@ def convert(**kwargs) -> None:
 def reproduce(experiments: str, seeds: str, variants: str, **kwargs) -> None:
     """Train and evaluate the paper's grid (experiment x variant x seed), then aggregate it into
     OUT/results.{json,md,png}. Finished runs are skipped, interrupted ones resumed: run it again after a kill."""
-    from evalsuite.reproduce import ReproduceConfig, parse_list, parse_seeds, reproduce as run_reproduce
-    cfg = ReproduceConfig(experiments=parse_list(experiments), seeds=parse_seeds(seeds),
-                          variants=parse_list(variants), **kwargs)
+    from evalsuite.grid import ReproduceConfig, parse_list, parse_seeds
+    from evalsuite.reproduce import reproduce as run_reproduce
+    passed = {name: kwargs.pop(name) for name in PASS_THROUGH if name != "num_episodes"}
+    given = {name: value for name, value in passed.items() if value is not None and value is not False}
+    cfg = ReproduceConfig(experiments=parse_list(experiments), seeds=parse_seeds(seeds), variants=parse_list(variants),
+                          train=given, **kwargs)
     run_reproduce(cfg, say=lambda line: click.echo(line))
 
 

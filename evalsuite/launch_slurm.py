@@ -25,8 +25,9 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from pipeline.shardio import write_bytes_atomically
 from evalsuite.aggregate import Run
-from evalsuite.reproduce import (Grid, Job, ReproduceConfig, RunRecord, check_runs, importable_path, plan_jobs,
-                                 report)
+from evalsuite.commands import importable_path
+from evalsuite.grid import Job, ReproduceConfig, RunRecord, check_runs, plan_jobs, report
+from evalsuite.supervise import Supervisor
 
 POLL_S = {"local": 1.0, "slurm": 15.0}  # how often the waiting `reproduce` looks at the jobs
 SUBMITTED = "submitted.json"  # in the submitit folder: {job name: job id} of every job this grid submitted
@@ -40,7 +41,7 @@ class GridJob(Checkpointable):
 
     def __init__(self, cfg: ReproduceConfig, job: Job):
         self.cfg, self.job = cfg, job
-        self._grid: Grid | None = None
+        self._grid: Supervisor | None = None
         self._worker: threading.Thread | None = None
 
     def __getstate__(self) -> dict:  # what submitit pickles: the job, not a running one's threads
@@ -48,7 +49,7 @@ class GridJob(Checkpointable):
 
     def __call__(self) -> dict[Run, RunRecord]:
         """The steps run in a thread: signals reach the main thread, which waits here."""
-        self._grid = Grid(self.cfg, say=lambda line: print(line, flush=True), own_sessions=False)
+        self._grid = Supervisor(self.cfg, say=lambda line: print(line, flush=True), own_sessions=False)
         outcome: dict = {}
         self._worker = threading.Thread(target=_capture, args=(outcome, run_job, self._grid, self.job))
         forward_preemption()
@@ -77,7 +78,7 @@ def _capture(outcome: dict, function, *args) -> None:
         outcome["error"] = err
 
 
-def run_job(grid: Grid, job: Job) -> dict[Run, RunRecord]:
+def run_job(grid: Supervisor, job: Job) -> dict[Run, RunRecord]:
     """The job's runs from where they stand on disk: a requeued job skips what it finished and resumes the rest."""
     cfg = grid.cfg
     states = check_runs(cfg, list(job.runs))

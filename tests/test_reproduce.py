@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from evalsuite.aggregate import aggregate_grid
-from evalsuite.reproduce import Run
+from evalsuite.aggregate import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--num_episodes", "48", "--emb_size", "16", "--nlayers", "1", "--batch_size", "8", "--threads", "1"]
@@ -256,8 +256,9 @@ def test_killed_part_way_it_skips_finished_runs_and_resumes_the_other(tmp_path):
     grid.send_signal(signal.SIGINT)
     stdout, stderr = grid.communicate(timeout=120)
     assert grid.returncode == 130, stderr
-    assert "with every episode trained; the same reproduce command resumes it" in stdout
     interrupted_at = torch.load(second.checkpoint(tmp_path), weights_only=True)["episodes_done"]
+    assert (f"ME/full/seed1: INTERRUPTED at episode {interrupted_at} of 1600, with a checkpoint of every episode "
+            "trained; the same reproduce command resumes it") in stdout
     assert 0 < interrupted_at < 1600, "the run finished before the interrupt: make it longer"
     assert json.loads((second.dir(tmp_path) / "run.json").read_text())["status"] == "interrupted"
 
@@ -304,7 +305,7 @@ def test_a_killed_stack_resumes_every_seed_from_its_checkpoint(tmp_path):
 
 
 def test_stacks_are_planned_by_experiment_variant_and_starting_point(tmp_path):
-    from evalsuite.reproduce import ReproduceConfig, RunState, plan_jobs
+    from evalsuite.grid import ReproduceConfig, RunState, plan_jobs
     cfg = ReproduceConfig(experiments=("ME",), seeds=(0, 1, 2, 3, 4), variants=("full", "no_memory"), stack_size=2,
                           separate=False, jobs=1)
     runs = [Run("ME", v, s) for v in ("full", "no_memory") for s in range(5)]
@@ -324,26 +325,27 @@ def test_stacks_are_planned_by_experiment_variant_and_starting_point(tmp_path):
 def test_the_default_arrangement_is_one_thread_runs_side_by_side_on_a_cpu(monkeypatch):
     import torch
 
-    from evalsuite.reproduce import ReproduceConfig
+    from evalsuite.grid import ReproduceConfig
     from pipeline.threads import usable_cores
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu = ReproduceConfig(experiments=("ME",), seeds=(0, 1, 2, 3))
     assert cpu.separate is True and cpu.jobs == usable_cores() and cpu.threads_per_job == 1
-    assert ReproduceConfig(experiments=("ME",), device="cuda").separate is False  # a GPU: stacks, one job
-    assert ReproduceConfig(experiments=("ME",), device="cuda").jobs == 1
+    assert ReproduceConfig(experiments=("ME",), train={"device": "cuda"}).separate is False  # a GPU: stacks, one job
+    assert ReproduceConfig(experiments=("ME",), train={"device": "cuda"}).jobs == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert ReproduceConfig(experiments=("ME",)).separate is False
     assert ReproduceConfig(experiments=("ME",), stack_size=4, separate=False).separate is False
 
 
 def test_threads_per_job_split_the_cores_and_a_lone_job_adapts(tmp_path):
-    from evalsuite.reproduce import ReproduceConfig, eval_command, train_command
+    from evalsuite.commands import eval_command, train_command
+    from evalsuite.grid import ReproduceConfig
     from pipeline.threads import usable_cores
     run = Run("ME", "full", 0)
 
     def threads_flag(**kwargs) -> str | None:
         cfg = ReproduceConfig(experiments=["ME"], seeds=[0], variants=["full"], out=str(tmp_path), **kwargs)
-        commands = train_command(cfg, run, resume=False), eval_command(cfg, run)
+        commands = train_command(cfg, (run,), resume=False), eval_command(cfg, run)
         flags = [c[c.index("--threads") + 1] if "--threads" in c else None for c in commands]
         assert flags[0] == flags[1]
         return flags[0]
@@ -354,16 +356,54 @@ def test_threads_per_job_split_the_cores_and_a_lone_job_adapts(tmp_path):
     assert threads_flag(jobs=2, threads=5) == "2"
 
 
+def test_a_jobs_train_command_is_read_back_by_train_as_the_runs_one_config(tmp_path):
+    """The grid describes a run once (expected_config); the command line written from it, parsed by `cli.py
+    train` itself, gives that same TrainConfig, for one run and for each model of a stack."""
+    from dataclasses import replace
+
+    from cli import train
+    from evalsuite.commands import train_command
+    from evalsuite.grid import ReproduceConfig, expected_config
+    from trainer.config import TrainConfig
+    cfg = ReproduceConfig(experiments=("ME",), seeds=(0, 3), variants=("no_memory",), out=str(tmp_path), jobs=1,
+                          train={"lr": 2e-3, "mask_query_padding": True, "dropout": 0.0, "workers": 0})
+    runs = (Run("ME", "no_memory", 0), Run("ME", "no_memory", 3))
+
+    def parsed(command: list[str]) -> TrainConfig:
+        assert command[1:4] == ["-m", "cli", "train"]
+        params = train.make_context("train", command[4:]).params
+        return TrainConfig(**{k: v for k, v in params.items() if v is not None and k != "threads"})
+
+    single = parsed(train_command(cfg, runs[1:], resume=True))
+    assert single == replace(expected_config(cfg, runs[1]), generate_missing_store=False, progress=False, resume=True)
+    assert single.lr == 2e-3 and single.dropout == 0.0 and single.workers == 0 and single.disable_memory
+    stack = parsed(train_command(cfg, runs, resume=False))
+    assert stack.seeds == "0,3" and stack.store.endswith("seed{seed}/ME") and stack.dir_model == str(runs[0].dir(tmp_path).parent)
+    for run in runs:  # each model of the stack: its own store and folder, else the run's config
+        member = replace(stack, seeds=None, seed=run.seed, store=stack.store.format(seed=run.seed),
+                         dir_model=str(run.dir(tmp_path)), resume=False)
+        assert member == replace(expected_config(cfg, run), generate_missing_store=False, progress=False)
+
+
+def test_reproduce_passes_only_trains_grid_settings():
+    from evalsuite.grid import ReproduceConfig
+    from pipeline.errors import UserError
+    with pytest.raises(UserError, match="does not pass 'seed' to train"):
+        ReproduceConfig(experiments=("ME",), train={"seed": 3})
+
+
 # A grid that runs one step, whose command writes a line every 0.2 s; the test kills the grid's whole process
 # group with SIGKILL, as the end of a session or a lost machine does.
 HARD_KILLED_STEP = """
 import sys, time
-from evalsuite.reproduce import Grid, ReproduceConfig, Run, RunRecord
+from evalsuite.aggregate import Run
+from evalsuite.grid import ReproduceConfig, RunRecord
+from evalsuite.supervise import Supervisor
 cfg = ReproduceConfig(experiments=("ME",), out=sys.argv[1])
 run = Run("ME", "full", 0)
 run.dir(cfg.out).mkdir(parents=True)
 ticks = "import time\\nwhile True: print('tick', flush=True); time.sleep(0.2)"
-grid = Grid(cfg, print, own_sessions=False)  # the step stays in this process group, to die with it
+grid = Supervisor(cfg, print, own_sessions=False)  # the step stays in this process group, to die with it
 grid.step({run: RunRecord.load(cfg, run)}, "train", [sys.executable, "-c", ticks], run.dir(cfg.out) / "train.log")
 """
 
@@ -371,7 +411,7 @@ grid.step({run: RunRecord.load(cfg, run)}, "train", [sys.executable, "-c", ticks
 def test_an_attempt_cut_off_by_a_hard_kill_is_counted_from_its_log(tmp_path):
     """run.json holds an attempt from its start; after a SIGKILL, the next load closes it with the time from its
     start to its log's last write, and adds that to the run's train time once."""
-    from evalsuite.reproduce import ReproduceConfig, RunRecord
+    from evalsuite.grid import ReproduceConfig, RunRecord
     run, out = Run("ME", "full", 0), tmp_path / "grid"
     grid = subprocess.Popen([sys.executable, "-c", HARD_KILLED_STEP, str(out)], cwd=ROOT, start_new_session=True)
     record_path, log = run.dir(out) / "run.json", run.dir(out) / "train.log"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evalsuite.reproduce import Run
+from evalsuite.aggregate import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--experiments", "ME", "--seeds", "0,1", "--num_episodes", "48", "--emb_size", "16", "--nlayers", "1",
@@ -166,8 +166,8 @@ def test_bad_slurm_options_are_one_line_before_any_work(tmp_path, args, cluster,
 def test_the_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
     """What sbatch would get (no cluster here: stand-ins for srun and sbatch only let submitit's Slurm executor
     be built; nothing is submitted)."""
-    from evalsuite.launch import make_executor
-    from evalsuite.reproduce import ReproduceConfig
+    from evalsuite.grid import ReproduceConfig
+    from evalsuite.launch_slurm import make_executor
     for name in ("srun", "sbatch"):
         (tmp_path / name).write_text("#!/bin/sh\nexit 1\n")
         (tmp_path / name).chmod(0o755)
