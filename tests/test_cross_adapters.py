@@ -23,6 +23,8 @@ from references import original_dir, original_importable, original_missing  # no
 from pipeline.store import shard_paths, verify_store  # noqa: E402
 from trainer.data import read_records  # noqa: E402
 
+pytestmark = pytest.mark.lab  # a lab script of docs/experiments/, apart from the product's suite
+
 SEED, N = 3, 40
 
 

@@ -74,6 +74,7 @@ def test_checkpoints_from_before_the_setting_keep_pad_in_their_softmax(tmp_path)
     assert ModelConfig.from_dict(load_checkpoint(tmp_path / "old.pt")["model_config"]).pad_in_softmax
 
 
+@pytest.mark.lab
 def test_gradient_norms_are_summarised_from_the_metrics_log(tmp_path):
     script = load_script("me_gradient_norms")
     log = tmp_path / "net_ME.metrics.jsonl"
@@ -86,6 +87,7 @@ def test_gradient_norms_are_summarised_from_the_metrics_log(tmp_path):
     assert script.summary(log).endswith("no gradient norms logged")
 
 
+@pytest.mark.lab
 def test_adopted_six_class_runs_train_as_todays_default(tmp_path):
     """Arm F's checkpoints (<pad> bias -1e4, no pad_in_softmax key) are today's default in effect: once adopted
     they load without <pad> in the softmax, with the same loss and gradients as the switch gave."""
@@ -145,6 +147,7 @@ def test_one_fused_adam_makes_the_originals_two_adams_update():
 
 
 @pytest.mark.slow
+@pytest.mark.lab
 def test_fresh_adam_at_the_decay_continues_as_the_run_with_the_reset(tmp_path):
     """A run stopped at the decay with --keep_adam_at_decay, passed through me_fresh_adam_at_decay.py and
     resumed without it, ends with the weights of the run trained with the reset from the start, bitwise."""

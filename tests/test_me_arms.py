@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.lab  # a lab script of docs/experiments/, apart from the product's suite
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
