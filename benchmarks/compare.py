@@ -29,6 +29,10 @@ same OMP_NUM_THREADS and GOMP_SPINCOUNT), one process at a time, the two sides a
   process per core with one thread each, side by side. Grid rate = episodes/s summed over the models, from
   two lengths per model as above; each figure also as GFLOP/s on valid tokens and a fraction of the measured
   fp32 matmul peak (all threads).
+- grid (--parts grid): GRID_SEEDS ME seeds of N episodes each, wall clock of the whole job: `cli.py reproduce`
+  with its defaults (store generation, training, eval and the aggregate included), the same with --stacked,
+  and the original's train.py for each seed, one process per core with one thread each (as many at a time
+  as there are cores; its episode generation and validation are inside train.py).
 - tta (--full): time to accuracy, wall clock from launch until the first validation line at the threshold
   (ME: 100% generalization), ours at the default recipe (store generation included) against the original.
 --quick: tiny sizes, to check that everything runs (minutes, not figures). Where the original is absent it
@@ -61,12 +65,12 @@ from pipeline import threads  # noqa: E402  (no torch here: the thread policy mu
 DEFAULT_ORIGINAL = original_dir()  # $METASEQ2SEQ_ORIGINAL, else ../shared/original (benchmarks/references.py)
 TYPES = ("ME", "scan_prim_augmentation")
 JUMP_TYPE = "scan_prim_augmentation"
-PARTS = ("generation", "training", "add_jump", "flops", "tta", "stacks")
+PARTS = ("generation", "training", "add_jump", "flops", "tta", "stacks", "grid")
 SIZES = {  # training (N1, N2) per type; generation episodes (original, ours) per type; add-jump repeats
     "default": {"training": {"ME": (100, 600), JUMP_TYPE: (100, 300)}, "stacks": {"ME": (50, 150), JUMP_TYPE: (10, 30)},
-                "generation": {"ME": (1000, 20000), JUMP_TYPE: (200, 20000)}, "jump_repeats": 2},
+                "generation": {"ME": (1000, 20000), JUMP_TYPE: (200, 20000)}, "jump_repeats": 2, "grid": 1000},
     "quick": {"training": {"ME": (10, 30), JUMP_TYPE: (2, 6)}, "stacks": {"ME": (4, 12), JUMP_TYPE: (2, 4)},
-              "generation": {"ME": (50, 500), JUMP_TYPE: (10, 500)}, "jump_repeats": 1},
+              "generation": {"ME": (50, 500), JUMP_TYPE: (10, 500)}, "jump_repeats": 1, "grid": 20},
 }
 TTA_THRESHOLDS = {"ME": 100.0}  # others (--tta_types): 95%
 ORIGINAL_LINE = re.compile(r"\((\d+) \d+% finished\) TrainLoss: \S+, ValAccRetrieval: \S+, ValAccGeneralize: ([\d.]+)")
@@ -384,6 +388,45 @@ def stacks(episode_type: str, lengths, args, tmp: Path) -> dict:
             "ratio_stack_to_ours_separate": {m: ratio(r, ours_separate["best"]) for m, r in stacked.items()}}
 
 
+# ---- a grid of seeds, end to end --------------------------------------------------------------------------
+
+GRID_SEEDS = 4
+
+
+def original_grid(episodes: int, args, cores: int, tmp: Path) -> float:
+    """Wall seconds of the original's train.py for GRID_SEEDS seeds, `cores` at a time, one thread each."""
+    argvs = [original_train_argv(args.original, "ME", episodes, Path(tempfile.mkdtemp(dir=tmp)))
+             for _ in range(GRID_SEEDS)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(cores) as pool:
+        list(pool.map(lambda argv: run_timed(argv, args.original, child_env(1), args.timeout), argvs))
+    return time.perf_counter() - start
+
+
+def our_grid(episodes: int, args, tmp: Path, *flags: str) -> float:
+    out = Path(tempfile.mkdtemp(dir=tmp)) / "runs"
+    argv = [sys.executable, str(ROOT / "cli.py"), "reproduce", "--experiments", "ME", "--seeds",
+            ",".join(map(str, range(GRID_SEEDS))), "--num_episodes", str(episodes), "--out", str(out), *flags]
+    # reproduce gives each of its jobs its share of the cores (--threads) itself.
+    return run_timed(argv, ROOT, {**os.environ, "CUDA_VISIBLE_DEVICES": ""}, args.timeout * GRID_SEEDS)
+
+
+def grid(episodes: int, args, tmp: Path) -> dict:
+    """The three arrangements, alternating over --repeats; the median wall time of each."""
+    from pipeline.threads import usable_cores
+    cores = args.threads or usable_cores()
+    times = {"original, one process per core": [], "ours, reproduce's default": [], "ours, reproduce --stacked": []}
+    for _ in range(args.repeats):
+        times["original, one process per core"].append(original_grid(episodes, args, cores, tmp))
+        times["ours, reproduce's default"].append(our_grid(episodes, args, tmp))
+        times["ours, reproduce --stacked"].append(our_grid(episodes, args, tmp, "--stacked"))
+    seconds = {name: round(statistics.median(t), 1) for name, t in times.items()}
+    original = seconds["original, one process per core"]
+    return {"seeds": GRID_SEEDS, "episodes_per_seed": episodes, "cores": cores, "seconds": seconds,
+            "runs": {name: [round(x, 1) for x in t] for name, t in times.items()},
+            "speedup_over_original": {name: ratio(original, s) for name, s in seconds.items() if s != original}}
+
+
 # ---- time to accuracy (--full) -------------------------------------------------------------------------
 
 def time_to_threshold(argv: list[str], cwd: Path, env: dict, pattern: re.Pattern, threshold: float,
@@ -452,7 +495,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--tta_timeout", type=float, default=7200, help="seconds per time-to-accuracy run")
     args = parser.parse_args(argv)
-    args.parts = args.parts or [p for p in PARTS if p not in ("tta", "stacks") or args.full]
+    args.parts = args.parts or [p for p in PARTS if p not in ("tta", "stacks", "grid") or args.full]
     args.original = args.original.resolve()
     return args
 
@@ -476,6 +519,8 @@ def run_parts(args, report: dict, tmp: Path) -> None:
         report["add_jump"] = add_jump(args, sizes["jump_repeats"], tmp)
     if "stacks" in args.parts:
         report["stacks"] = {t: stacks(t, sizes["stacks"][t], args, tmp) for t in args.types}
+    if "grid" in args.parts:
+        report["grid"] = grid(sizes["grid"], args, tmp)
     if "tta" in args.parts:
         report["time_to_accuracy"] = {t: time_to_accuracy(t, args, tmp) for t in args.tta_types}
 
