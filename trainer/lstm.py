@@ -94,6 +94,15 @@ def packed_lstm(lstm: nn.LSTM, x: torch.Tensor, packing: Packing,
     return _cpu_lstm(lstm, x, packing, state)
 
 
+def lstm_steps(lstm: nn.LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+    """`lstm` (batch_first) over the padded steps x (R, T, E) from `state`, as nn.LSTM. Under CPU autocast it
+    runs in fp32: oneDNN has no bf16 LSTM on some CPUs (AVX2-only ones), so every CPU gives the same numbers."""
+    if x.is_cuda or not torch.is_autocast_enabled("cpu"):
+        return lstm(x, state)
+    with torch.autocast("cpu", enabled=False):
+        return lstm(x.float(), tuple(s.float() for s in state))
+
+
 def _cudnn_lstm(lstm: nn.LSTM, x, packing: Packing, state):
     batch_sizes = torch.tensor(packing.batch_sizes)
     packed = PackedSequence(x, batch_sizes, packing.sorted_indices, packing.unsorted_indices)

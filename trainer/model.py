@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID
 from trainer.batch import EpisodeBatch
-from trainer.lstm import Dropout, Packing, packed_lstm
+from trainer.lstm import Dropout, Packing, lstm_steps, packed_lstm
 
 NUM_SPECIAL_TOKENS = 3  # PAD, SOS, EOS head every vocabulary
 
@@ -265,7 +265,7 @@ class MetaSeq2Seq(nn.Module):
         Returns logits (R, T, V_out), the new state, and the decoder attention (R, T, Tqi) or None.
         """
         embedded = self.dec_dropout(self.dec_embedding(dec_in))            # (R, T, E)
-        h, state = self.dec_lstm(embedded, state)                           # (R, T, E)
+        h, state = lstm_steps(self.dec_lstm, embedded, state)               # (R, T, E)
         if self.cfg.disable_attention:
             return self.logits(h), state, None
         ctx, attn = masked_attention(h, context, context, context_mask)     # (R, T, E), (R, T, Tqi)
