@@ -350,6 +350,8 @@ def interrupted_at(cfg: ReproduceConfig, run: Run) -> str:
     if not path.is_file():
         return "before its first checkpoint"
     done = load_checkpoint(path)["episodes_done"]
+    if done >= cfg.num_episodes:
+        return "after its training, before its evaluation ended"
     return f"at episode {done} of {cfg.num_episodes}, with a checkpoint of every episode trained"
 
 
