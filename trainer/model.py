@@ -106,6 +106,18 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.bmm(weights.to(v.dtype), v), weights
 
 
+def attended_query_steps(batch: EpisodeBatch, mask_query_padding: bool) -> torch.Tensor:
+    """(N, Tqi) bool: the query steps the decoder attends over, for the N = B*nq flattened queries. As the
+    original: every step up to the longest valid query of its episode (a padded query counts as 1 step); with
+    mask_query_padding, each query's own steps only."""
+    B, nq, Tqi = batch.query_in.shape
+    if mask_query_padding:
+        lengths = batch.query_in_len.reshape(-1).clamp(min=1)
+    else:
+        lengths = (batch.query_in_len * batch.query_mask).amax(1).clamp(min=1).repeat_interleave(nq)
+    return torch.arange(Tqi, device=lengths.device) < lengths.unsqueeze(1)
+
+
 class SeqEncoder(nn.Module):
     """Embedding -> dropout -> bidirectional LSTM; the two directions are summed."""
 
@@ -214,7 +226,7 @@ class MetaSeq2Seq(nn.Module):
         if self.cfg.disable_memory:
             packing = Packing.from_lengths(lengths.query_in, Tqi, device)
             steps, final = self.input_encoder(batch.query_in.reshape(B * nq, Tqi), packing)
-            return _Encoded(packing.unpack(steps), self._context_mask(batch, q_len), final, None)
+            return _Encoded(packing.unpack(steps), attended_query_steps(batch, self.cfg.mask_query_padding), final, None)
 
         ns = batch.support_in.shape[1]
         # One call of the shared input encoder for the queries and the support inputs (fewer LSTM calls).
@@ -236,20 +248,7 @@ class MetaSeq2Seq(nn.Module):
         context = torch.tanh(self.memory_combine(torch.cat([q_steps, mem.view_as(q_steps)], -1)))
         last = (q_len - 1).view(-1, 1, 1).expand(-1, 1, context.shape[-1])
         init = context.gather(1, last).squeeze(1)                          # (N, E): last valid c_t
-        return _Encoded(context, self._context_mask(batch, q_len), init, mem_attn.view(B, nq, Tqi, ns))
-
-    def _context_mask(self, batch: EpisodeBatch, q_len: torch.Tensor) -> torch.Tensor:
-        """(N, Tqi) the query steps the decoder attends over: every step up to the longest valid query of its
-        episode (the original's padded attention), or with mask_query_padding each query's own."""
-        B, nq, Tqi = batch.query_in.shape
-        if self.cfg.mask_query_padding:
-            return self._step_mask(q_len, Tqi)
-        longest = (batch.query_in_len * batch.query_mask).amax(1).clamp(min=1)   # (B,)
-        return self._step_mask(longest.repeat_interleave(nq), Tqi)
-
-    @staticmethod
-    def _step_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
-        return torch.arange(T, device=lengths.device) < lengths.unsqueeze(1)   # (N, T) bool
+        return _Encoded(context, attended_query_steps(batch, self.cfg.mask_query_padding), init, mem_attn.view(B, nq, Tqi, ns))
 
     # ---- decoder -------------------------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ from torch import nn
 from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID
 from trainer.batch import EpisodeBatch
 from trainer.lstm import cell_update_
-from trainer.model import DecodeResult, MetaSeq2Seq, ModelConfig, masked_attention, output_mask, with_output_mask
+from trainer.model import (DecodeResult, MetaSeq2Seq, ModelConfig, attended_query_steps, masked_attention, output_mask,
+                           with_output_mask)
 
 
 # ---- packing ------------------------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ class StackedMetaSeq2Seq(nn.Module):
             packing = StackedPacking.from_lengths(lengths, Tqi, device)
             steps, final = self._seq_encoder("input_encoder", batch.query_in.reshape(M, B * nq, Tqi), packing)
             context = packing.unpack(steps).reshape(M * B * nq, Tqi, -1)
-            return _Encoded(context, self._context_mask(batch, q_len), final)
+            return _Encoded(context, attended_query_steps(batch, self.cfg.mask_query_padding), final)
         ns = batch.support_in.shape[1]
         T = max(Tqi, batch.support_in.shape[2])
         tokens = torch.cat([_right_pad(batch.query_in, T).reshape(M, B * nq, T),
@@ -368,13 +369,7 @@ class StackedMetaSeq2Seq(nn.Module):
                                 mem.reshape(M, B * nq * Tqi, -1)).view(M * B * nq, Tqi, -1)
         last = (q_len - 1).view(-1, 1, 1).expand(-1, 1, context.shape[-1])
         init = context.gather(1, last).view(M, B * nq, -1)
-        return _Encoded(context, self._context_mask(batch, q_len), init)
-
-    def _context_mask(self, batch: EpisodeBatch, q_len: torch.Tensor) -> torch.Tensor:
-        MB, nq, Tqi = batch.query_in.shape
-        if not self.cfg.mask_query_padding:  # every step up to the longest valid query of its episode
-            q_len = (batch.query_in_len * batch.query_mask).amax(1).clamp(min=1).repeat_interleave(nq)
-        return torch.arange(Tqi, device=q_len.device) < q_len.unsqueeze(1)
+        return _Encoded(context, attended_query_steps(batch, self.cfg.mask_query_padding), init)
 
     def _initial_state(self, enc: _Encoded) -> tuple[torch.Tensor, torch.Tensor]:
         h0 = enc.init.unsqueeze(0).expand(self.cfg.nlayers, -1, -1, -1)       # (nlayers, M, B*nq, E)

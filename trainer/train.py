@@ -33,7 +33,7 @@ from trainer.precision import use_exact_fp32
 from trainer.runlog import RunLog, crossed
 from trainer.signals import StopRequest, TrainingInterrupted
 from trainer.state import (LossWrapper, Session, TrainState, advance_position, build_state, check_resumable,
-                           checkpoint_payload, restore, resumed_batches)
+                           checkpoint_payload, count_step, restore, resumed_batches)
 from trainer.stores import prepare_store, train_shards
 
 
@@ -55,12 +55,7 @@ def train_step(state: TrainState, loss_module: torch.nn.Module, batch, cfg: Trai
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip)
     state.optimizer.step()
-    decays_before = state.episodes_done // cfg.lr_decay_schedule
-    state.episodes_done += batch.num_episodes if episodes is None else episodes
-    state.steps += 1
-    if not cfg.keep_adam_at_decay and state.episodes_done // cfg.lr_decay_schedule > decays_before:
-        state.optimizer.state.clear()  # Adam starts again: its moments and bias correction, at the new lr
-    state.scheduler.step()  # after counting the episodes: the lr follows the episodes seen
+    count_step(state, cfg, batch.num_episodes if episodes is None else episodes)
     return float(loss.detach()), float(norm)
 
 

@@ -35,8 +35,8 @@ from trainer.device import device_name, requested_device, resolve_device
 from trainer.metrics import score_episodes
 from trainer.runlog import RunLog, _fmt, crossed
 from trainer.signals import StopRequest, TrainingInterrupted
-from trainer.state import (Session, TrainState, advance_position, build_state, checkpoint_payload, restore,
-                           resumed_batches)
+from trainer.state import (Session, TrainState, advance_position, build_state, checkpoint_payload, count_step,
+                           lr_schedule, restore, resumed_batches)
 from trainer.stores import prepare_store, train_shards
 
 
@@ -190,8 +190,7 @@ def _run_stack(cfg: TrainConfig, members_cfg: list[TrainConfig], seeds: tuple[in
     first = members[0].state
     stack_state = TrainState(stack, stack_optimizer(stack, members, cfg.lr), episodes_done=first.episodes_done,
                              steps=first.steps, batches=first.batches, partial=first.partial)
-    stack_state.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        stack_state.optimizer, lambda _: 0.1 ** (stack_state.episodes_done // cfg.lr_decay_schedule))
+    stack_state.scheduler = lr_schedule(stack_state, cfg)
     stack_state.scheduler.load_state_dict(first.scheduler.state_dict())
     for member in members:
         member.run = RunLog(member.cfg, True, member.state.episodes_done)
@@ -305,12 +304,7 @@ def stack_step(state: TrainState, batch, cfg: TrainConfig, episodes: int) -> tup
     losses.sum().backward()  # the models share no weight: each gets the gradient of its own loss
     norms = clip_grad_norms_(state.model, cfg.clip)
     state.optimizer.step()
-    decays_before = state.episodes_done // cfg.lr_decay_schedule
-    state.episodes_done += episodes
-    state.steps += 1
-    if not cfg.keep_adam_at_decay and state.episodes_done // cfg.lr_decay_schedule > decays_before:
-        state.optimizer.state.clear()
-    state.scheduler.step()
+    count_step(state, cfg, episodes)
     return losses.detach().cpu(), norms.detach().cpu()
 
 
