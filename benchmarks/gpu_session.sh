@@ -61,7 +61,7 @@ step tests 150 python -m pytest -q tests/test_gpu.py tests/test_model.py -k "cud
 step single 90 sh -c "python benchmarks/train.py --device $DEVICE --types ME scan_prim_augmentation --batch_sizes 1 \
     > $OUT/single.json"   # today's single-run path (cuDNN), against the stack's M=1 below
 step stacks 120 sh -c "python benchmarks/stacks.py --device $DEVICE --sizes 1 16 64 --steps 20 > $OUT/stacks.json"
-step me16 180 grid --experiments ME --seeds 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15 --out "$GRID/me16"
+step me16 180 grid --experiments ME --seeds 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15 --stacked --out "$GRID/me16"
 step table 300 table
 bring_back "$GRID/me16" me16
 bring_back "$GRID/table" table
