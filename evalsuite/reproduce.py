@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evalsuite.aggregate import Run, aggregate_grid
-from evalsuite.grid import Job, ReproduceConfig, RunRecord, RunState, check_runs, grid_runs, plan_jobs, prepare_stores
+from evalsuite.grid import Job, ReproduceConfig, RunState, check_runs, grid_runs, plan_jobs, prepare_stores
 from evalsuite.launch_local import run_jobs
 from pipeline.errors import UserError
 from pipeline.shardio import exclusive
@@ -27,7 +27,9 @@ def reproduce(cfg: ReproduceConfig, say=print) -> dict | None:
         summary = run_grid(cfg, say)
     if summary is None:  # submitted, not waited for
         return None
-    failed = [run.name for run in grid_runs(cfg) if RunRecord.load(cfg, run).status == "failed"]
+    ours = set(grid_runs(cfg))
+    failed = [run.name for run in (Run(r["experiment"], r["variant"], r["seed"]) for r in summary["runs"]
+                                   if r["status"] == "failed") if run in ours]
     if failed:
         raise UserError(f"{len(failed)} run(s) of the grid failed: {', '.join(failed)} (see each run's "
                         "train.log or eval.log; the same command retries them)")
