@@ -39,17 +39,20 @@ def train_config(cfg: ReproduceConfig, runs: tuple[Run, ...], resume: bool) -> T
                    dir_model=str(Path(config.dir_model).parent))
 
 
+def threads_flag(cfg: ReproduceConfig) -> list[str]:
+    """Each job's share of the cores; none (the job's own adaptive policy) when the grid leaves it open."""
+    return [] if cfg.threads_per_job is None else ["--threads", str(cfg.threads_per_job)]
+
+
 def train_command(cfg: ReproduceConfig, runs: tuple[Run, ...], resume: bool) -> list[str]:
-    threads = [] if cfg.threads_per_job is None else ["--threads", str(cfg.threads_per_job)]
-    return [sys.executable, "-m", "cli", "train", *train_flags(train_config(cfg, runs, resume)), *threads]
+    return [sys.executable, "-m", "cli", "train", *train_flags(train_config(cfg, runs, resume)), *threads_flag(cfg)]
 
 
 def eval_command(cfg: ReproduceConfig, run: Run) -> list[str]:
     words = ["--checkpoint", str(run.checkpoint(cfg.out)), "--out", str(run.eval_dir(cfg.out)), "--no_progress"]
     if "device" in cfg.train:
         words += ["--device", cfg.train["device"]]
-    threads = [] if cfg.threads_per_job is None else ["--threads", str(cfg.threads_per_job)]
-    return [sys.executable, "-m", "cli", "eval", *words, *threads]
+    return [sys.executable, "-m", "cli", "eval", *words, *threads_flag(cfg)]
 
 
 def importable_path() -> str:

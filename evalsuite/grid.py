@@ -25,7 +25,7 @@ from pipeline.samplers import EPISODE_TYPES, get_sampler
 from pipeline.shardio import check_writable_dir, file_sha256, write_bytes_atomically
 from pipeline.threads import usable_cores
 from trainer.checkpoint import load_checkpoint
-from trainer.config import PASS_THROUGH, RUN_KEYS, TrainConfig
+from trainer.config import PASS_THROUGH, RUN_KEYS, SETTINGS, TrainConfig
 
 # The paper's ablations, as flags of `cli.py train`.
 VARIANT_FLAGS = {  # keys in the order of aggregate.VARIANTS
@@ -57,7 +57,7 @@ class ReproduceConfig:
     num_val_episodes: int = episode_store.GenerateConfig.num_val_episodes
     stack_size: int = 16               # most seeds trained in one stack
     separate: bool | None = None       # every run in its own `train` process; None: on a CPU yes, on GPUs stacks
-    # --launcher slurm: every job (a stack, or one run) is one Slurm job, through submitit (evalsuite/launch.py)
+    # --launcher slurm: every job (a stack, or one run) is one Slurm job, through submitit (evalsuite/launch_slurm.py)
     launcher: str = "local"            # local | slurm
     partition: str | None = None
     time: int = 24 * 60                # minutes per Slurm job
@@ -95,7 +95,7 @@ class ReproduceConfig:
 
     def train_setting(self, name: str):
         """A setting that the grid's runs train with: given, or train's default."""
-        return self.train.get(name, TrainConfig.__dataclass_fields__[name].default)
+        return self.train.get(name, SETTINGS[name].default)
 
 
 def trains_on_gpu(cfg: ReproduceConfig) -> bool:
