@@ -102,6 +102,24 @@ def test_each_model_is_clipped_on_its_own_norm():
             torch.testing.assert_close(stack.weights[k].grad[m], p.grad, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_stack_of_one_is_its_single_model_bit_for_bit(variant):
+    """In float32 with dropout on, two episodes of different sizes (padded queries and support items): the loss,
+    every gradient and the clipped norm of a stack of one equal the single model's exactly, given a generator in
+    the global generator's state (a single run draws its dropout masks from that)."""
+    torch.manual_seed(3)
+    model = MetaSeq2Seq(ModelConfig(V_IN, V_OUT, emb_size=24, dropout=0.5, **VARIANTS[variant])).train()
+    stack = StackedMetaSeq2Seq([model]).train()
+    batch = batch_of(random_episodes(8, SIZES[:2]))
+    stack.generators = [torch.Generator().manual_seed(11)]
+    stack.loss(batch).sum().backward()
+    torch.manual_seed(11)
+    model.loss(batch).backward()
+    assert torch.equal(clip_grad_norms_(stack, 0.5)[0], torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5))
+    for k, (name, p) in enumerate(model.named_parameters()):
+        assert torch.equal(stack.weights[k].grad[0], p.grad), name
+
+
 def test_model_state_dicts_are_single_checkpoint_weights():
     models = single_models(2)
     stack = StackedMetaSeq2Seq(models)
@@ -164,6 +182,20 @@ def test_a_stack_follows_the_separate_runs_step_by_step(me_store, tmp_path, drop
             torch.testing.assert_close(torch.tensor(stacked), torch.tensor(alone), rtol=rtol, atol=0)
         rows = losses(tmp_path / f"single{seed}" / "net_ME.metrics.jsonl", "grad_norm_max")
         assert rows == losses(tmp_path / f"single{seed}" / "net_ME.metrics.jsonl", "grad_norm")  # one step a row
+
+
+def test_train_seeds_of_one_writes_the_checkpoint_of_train_seed(me_store, tmp_path):
+    """A stack of one is a single run, bit for bit: weights, Adam's moments, the RNG state and the logged losses."""
+    common = ["--store", str(me_store), "--num_episodes", "12", "--val_every", "4", "--dropout", "0.5", *TINY]
+    stacked = run_cli("train", "--seeds", "1", "--dir_model", str(tmp_path / "stack"), *common)
+    single = run_cli("train", "--seed", "1", "--dir_model", str(tmp_path / "single"), *common)
+    assert stacked.returncode == 0 and single.returncode == 0, stacked.stderr[-2000:] + single.stderr[-2000:]
+    a, b = (load_checkpoint(p) for p in (tmp_path / "stack" / "seed1" / "net_ME.pt", tmp_path / "single" / "net_ME.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    for k, moments in b["optimizer"]["state"].items():
+        assert all(torch.equal(a["optimizer"]["state"][k][n], moments[n]) for n in moments)
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert losses(tmp_path / "stack" / "seed1" / "net_ME.metrics.jsonl") == losses(tmp_path / "single" / "net_ME.metrics.jsonl")
 
 
 @pytest.mark.slow

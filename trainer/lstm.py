@@ -65,12 +65,12 @@ class Packing:
         return out.index_copy(0, self.flat_index, data).view((self.rows, self.width) + data.shape[1:])
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout with the mask drawn by torch.rand: the same Bernoulli(1 - p) keep mask and 1 / (1 - p)
-    scale, but the CPU's bernoulli_ takes about 3 times as long as rand (measured here, 1M elements)."""
+def dropout(x: torch.Tensor, p: float, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """F.dropout with the mask drawn by torch.rand (from `generator`, else the global one): the same
+    Bernoulli(1 - p) keep mask and 1 / (1 - p) scale, but the CPU's bernoulli_ is slower than rand."""
     if not training or p == 0.0:
         return x
-    keep = torch.rand(x.shape, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))
+    keep = torch.rand(x.shape, device=x.device, generator=generator).ge_(p).mul_(1.0 / (1.0 - p))
     return x * keep.to(x.dtype)
 
 
@@ -81,17 +81,19 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-def packed_lstm(lstm: nn.LSTM, x: torch.Tensor, packing: Packing,
-                state: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_lstm(lstm: nn.LSTM, x: torch.Tensor, packing: Packing, state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `lstm` (batch_first or not, any layers, uni- or bidirectional) over packed inputs.
 
     x (total, input_size) in packing's layout; state (h0, c0), each (layers * directions, N, E) in row
     order, zeros when None. Returns (output (total, directions * E) of the last layer, h_n (layers *
-    directions, N, E) in row order), as nn.LSTM would for the same PackedSequence.
+    directions, N, E) in row order), as nn.LSTM would for the same PackedSequence. On the CPU the dropout
+    between layers draws from `generator` (else the global one), and `lstm` may be anything with nn.LSTM's
+    attributes and weight names.
     """
     if x.is_cuda:
         return _cudnn_lstm(lstm, x, packing, state)
-    return _cpu_lstm(lstm, x, packing, state)
+    return _cpu_lstm(lstm, x, packing, state, generator)
 
 
 def lstm_steps(lstm: nn.LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
@@ -111,7 +113,7 @@ def _cudnn_lstm(lstm: nn.LSTM, x, packing: Packing, state):
 
 
 @torch.compiler.disable  # a data-dependent Python loop: keep it out of torch.compile graphs
-def _cpu_lstm(lstm: nn.LSTM, x, packing: Packing, state):
+def _cpu_lstm(lstm: nn.LSTM, x, packing: Packing, state, generator: torch.Generator | None = None):
     directions = 2 if lstm.bidirectional else 1
     E, N = lstm.hidden_size, packing.rows
     if state is None:
@@ -121,7 +123,7 @@ def _cpu_lstm(lstm: nn.LSTM, x, packing: Packing, state):
     h_n = []
     for layer in range(lstm.num_layers):
         if layer > 0:  # nn.LSTM's dropout: on every layer's output but the last
-            x = dropout(x, lstm.dropout, lstm.training)
+            x = dropout(x, lstm.dropout, lstm.training, generator)
         outputs = []
         for d in range(directions):
             k = layer * directions + d

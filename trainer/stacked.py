@@ -27,7 +27,7 @@ from torch import nn
 
 from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID
 from trainer.batch import EpisodeBatch
-from trainer.lstm import cell_update_
+from trainer.lstm import Packing, cell_update_, packed_lstm
 from trainer.model import (DecodeResult, MetaSeq2Seq, ModelConfig, attended_query_steps, masked_attention, output_mask,
                            with_output_mask)
 
@@ -59,12 +59,16 @@ class StackedPacking:
     valid_counts: list[int]         # valid tokens per model
     rows: int
     width: int
+    single: Packing | None = None   # M = 1: the same layout as trainer.lstm.Packing
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor, width: int, device) -> "StackedPacking":
-        """lengths (M, N) >= 0 on the CPU (the index arithmetic stays on the host)."""
+        """lengths (M, N) >= 0 on the CPU (the index arithmetic stays on the host). A stack of one runs an
+        empty row for one step, as the single model does, so that it packs exactly as trainer.lstm.Packing."""
         lengths = lengths.to(torch.long)
         M, N = lengths.shape
+        if M == 1:
+            lengths = lengths.clamp(min=1)
         sorted_lengths, sorted_indices = torch.sort(lengths, dim=1, descending=True, stable=True)
         per_model = (torch.arange(width).view(1, -1, 1) < sorted_lengths.unsqueeze(1)).sum(2)   # (M, T)
         sizes = per_model.amax(0)
@@ -85,9 +89,10 @@ class StackedPacking:
         reverse_index = torch.where(valid, mirror, torch.arange(len(step_of)))
         model_of, position = valid.nonzero(as_tuple=True)
         to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        single = Packing.from_lengths(lengths[0], width, device) if M == 1 else None
         return cls([int(n) for n in sizes], to(sorted_indices), to(flat_index), to(valid), to(last_index),
                    to(unsorted), to(lengths > 0), to(reverse_index), to(model_of * len(step_of) + position),
-                   valid.sum(1).tolist(), N, width)
+                   valid.sum(1).tolist(), N, width, single)
 
     @property
     def size(self) -> int:
@@ -233,15 +238,20 @@ class _StackedLinear(torch.autograd.Function):
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x (M, ..., in), weight (M, out, in), bias (M, out) -> (M, ..., out)."""
+    """x (M, ..., in), weight (M, out, in), bias (M, out) -> (M, ..., out). A stack of one runs the single
+    model's 2-D product (forward and backward), so that it computes the very numbers of a single run."""
     M = x.shape[0]
+    if M == 1:
+        return F.linear(x[0], weight[0], bias[0]).unsqueeze(0)
     out = _StackedLinear.apply(x.reshape(M, -1, x.shape[-1]), weight, bias)
     return out.view(x.shape[:-1] + (weight.shape[1],))
 
 
 def _embed(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """weight (M, V, E), tokens (M, ...) -> (M, ..., E)."""
+    """weight (M, V, E), tokens (M, ...) -> (M, ..., E); a stack of one as nn.Embedding (its backward sums alike)."""
     M = weight.shape[0]
+    if M == 1:
+        return F.embedding(tokens[0], weight[0]).unsqueeze(0)
     return _gather_rows(weight, tokens.reshape(M, -1)).view(tokens.shape + (weight.shape[2],))
 
 
@@ -304,6 +314,8 @@ class StackedMetaSeq2Seq(nn.Module):
         """nn.LSTM `prefix` of every model over packed x (M, S, in). state (h0, c0), each (layers * dirs, M, N,
         E) in row order, zeros when None. Returns (last layer's output (M, S, dirs * E), h_n (layers * dirs,
         M, N, E)). The backward direction runs forward over each row mirrored."""
+        if packing.single is not None and not x.is_cuda:
+            return self._lstm_of_one(prefix, x, packing.single, bidirectional, state)
         directions, E, h_n = 1 + bidirectional, self.cfg.emb_size, []
         M, N = packing.nonempty.shape
         sort = packing.sorted_indices.unsqueeze(-1).expand(-1, -1, E)
@@ -326,6 +338,15 @@ class StackedMetaSeq2Seq(nn.Module):
                 h_n.append(packing.at(out, packing.first_index if d else packing.last_index))
             x = torch.cat(outputs, 2) if directions > 1 else outputs[0]
         return x, torch.stack(h_n)
+
+    def _lstm_of_one(self, prefix: str, x: torch.Tensor, packing: Packing, bidirectional: bool,
+                     state: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_lstm` for a stack of one, through the single model's recurrence (2-D products, the backward
+        direction run backward): the numbers of `train --seed`, bit for bit."""
+        lstm = _OneLSTM(self, prefix, bidirectional)
+        state = None if state is None else tuple(s[:, 0] for s in state)
+        out, h_n = packed_lstm(lstm, x[0], packing, state, self.generators[0] if self.generators else None)
+        return out.unsqueeze(0), h_n.unsqueeze(1)
 
     def _seq_encoder(self, prefix: str, tokens: torch.Tensor, packing: StackedPacking):
         """tokens (M, N, T) -> (steps (M, S, E), final (M, N, E)): directions summed, as SeqEncoder."""
@@ -396,7 +417,8 @@ class StackedMetaSeq2Seq(nn.Module):
         logits = self._logits(h)                                             # (M, S, V)
         token_loss = F.cross_entropy(logits.float().flatten(0, 1), packing.pack(targets).flatten(),  # as model.loss
                                      reduction="none", ignore_index=PAD_ID).view(M, -1)
-        return (token_loss * self._token_weights(batch, packing)).sum(1)
+        weighted = token_loss * self._token_weights(batch, packing)
+        return weighted.sum().view(1) if M == 1 else weighted.sum(1)  # M = 1: the single model's reduction
 
     def _token_weights(self, batch: EpisodeBatch, packing: StackedPacking) -> torch.Tensor:
         """(M, S): 1 / (tokens in its episode * the model's episodes with tokens) at valid tokens, else 0."""
@@ -459,15 +481,30 @@ class StackedMetaSeq2Seq(nn.Module):
         return with_output_mask(_linear(h, self.w("out.weight"), self.w("out.bias")), self.output_mask)
 
 
+class _OneLSTM:
+    """Model 0 of a stack as the nn.LSTM `prefix`, for packed_lstm: its settings, and its weights by name."""
+
+    def __init__(self, stack: StackedMetaSeq2Seq, prefix: str, bidirectional: bool):
+        cfg = stack.cfg
+        self.num_layers, self.hidden_size, self.bidirectional = cfg.nlayers, cfg.emb_size, bidirectional
+        self.dropout, self.training = cfg.dropout if cfg.nlayers > 1 else 0.0, stack.training
+        self._stack, self._prefix = stack, prefix
+
+    def __getattr__(self, name: str) -> torch.Tensor:  # weight_ih_l0, bias_hh_l1_reverse, ...
+        return self._stack.w(f"{self._prefix}.{name}")[0]
+
+
 def stack_models(models: list[MetaSeq2Seq]) -> StackedMetaSeq2Seq:
     return StackedMetaSeq2Seq(models).to(next(models[0].parameters()).device)
 
 
 def clip_grad_norms_(stacked: StackedMetaSeq2Seq, max_norm: float) -> torch.Tensor:
     """Clip each model's gradient to norm max_norm on its own norm (as clip_grad_norm_ does for one model);
-    returns the M norms before clipping."""
+    returns the M norms before clipping. A stack of one clips as a single run does."""
     grads = [p.grad for p in stacked.weights if p.grad is not None]
     M = stacked.num_models
+    if M == 1:
+        return torch.nn.utils.clip_grad_norm_(stacked.weights, max_norm).view(1)
     norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.view(M, -1), dim=1) for g in grads]),
                                      dim=0)                                                # (M,)
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)

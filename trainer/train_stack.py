@@ -283,7 +283,9 @@ def _stack_steps(cfg, state: TrainState, members: list[Member], batches, tokeniz
         if crossed(before, state.episodes_done, cfg.val_every) or state.episodes_done >= target:
             rate = window_episodes / (time.perf_counter() - window_start)
             losses, norms = (torch.stack(x) for x in zip(*steps))           # (steps, M) each
-            record_all(state, members, losses.mean(0).tolist(), norms.t(), rate, tokenizer, cfg, device, bar)
+            # Each model's mean loss summed in Python floats, as a single run's log has it.
+            means = [sum(column) / len(column) for column in losses.t().tolist()]
+            record_all(state, members, means, norms.t(), rate, tokenizer, cfg, device, bar)
             steps, window_start, window_episodes = [], time.perf_counter(), 0
         if crossed(before, state.episodes_done, cfg.checkpoint_every) or state.episodes_done >= target:
             save_all(state, members)
