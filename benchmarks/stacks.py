@@ -31,7 +31,7 @@ from pipeline import store as episode_store  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import StackStream, StreamConfig, Tokenizer  # noqa: E402
 from trainer.precision import use_exact_fp32  # noqa: E402
-from trainer.stacked import StackedMetaSeq2Seq  # noqa: E402
+from trainer.model import stack_models  # noqa: E402
 from trainer.state import TrainState, build_state  # noqa: E402
 from trainer.train_stack import stack_step  # noqa: E402
 
@@ -43,7 +43,7 @@ def sync(device: torch.device) -> None:
 
 def stack_state(cfg: TrainConfig, manifest: dict, seeds: range, device: torch.device) -> TrainState:
     models = [build_state(TrainConfig(**{**vars(cfg), "seed": s}), manifest, device).model for s in seeds]
-    stack = StackedMetaSeq2Seq(models).to(device)
+    stack = stack_models(models)
     stack.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     state = TrainState(stack, torch.optim.Adam(stack.parameters(), lr=cfg.lr, fused=True))
     state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda _: 1.0)

@@ -57,7 +57,7 @@ def test_default_softmax_is_the_originals_six_classes():
     torch.manual_seed(0)
     with_pad = MetaSeq2Seq(ModelConfig(**cfg, pad_in_softmax=True)).double()
     batch = me_batch(1)
-    loss = model.loss(batch)
+    loss = model.loss(batch)[0]
     torch.testing.assert_close(loss.double(), six_class_loss(model, batch), rtol=1e-6, atol=0)  # loss(): fp32
     assert not torch.isclose(with_pad.loss(batch).double(), six_class_loss(with_pad, batch), rtol=1e-4)  # <pad> counts
     loss.backward()

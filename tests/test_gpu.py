@@ -115,15 +115,15 @@ def test_reproduce_jobs_share_one_gpu(tmp_path):
 @pytest.mark.parametrize("name", ["full", "no_memory", "no_attention"])
 def test_cuda_stack_matches_the_cpu_stack(name):
     """The stacked recurrence is ours on both devices: the same losses and gradients on the GPU."""
-    from trainer.stacked import StackedMetaSeq2Seq
+    from trainer.model import stack_models
     models = [make_model(seed=s, dropout=0.0, **CONFIGS[name]).train() for s in range(3)]
     episodes = random_episodes(seed=4, sizes=((3, 4), (1, 2), (4, 5)))
     results = []
     for device in ("cpu", "cuda"):
-        stack = StackedMetaSeq2Seq([m.to(device) for m in models]).train()
+        stack = stack_models([m.to(device) for m in models]).train()
         losses = stack.loss(batch_of(episodes).to(device))
         losses.sum().backward()
-        results.append((losses.detach().cpu(), [p.grad.cpu() for p in stack.weights]))
+        results.append((losses.detach().cpu(), [p.grad.cpu() for p in stack.parameters()]))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-6)
     for g_gpu, g_cpu in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-4, atol=1e-5)

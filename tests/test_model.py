@@ -209,13 +209,13 @@ def test_teacher_forcing_equals_stepwise_decoding(name):
     with torch.no_grad():
         full = model(batch).view(B * nq, Tqo, -1)
         enc = model._encode(batch)
-        state = model.initial_state(enc)
-        prev = torch.full((B * nq,), SOS_ID)
+        state = tuple(s.contiguous() for s in model._initial_state(enc))      # (nlayers, M = 1, B*nq, E)
+        prev = torch.full((1, B * nq), SOS_ID)
         steps = []
         for t in range(Tqo):
-            logits, state, _ = model.decode(prev.unsqueeze(1), state, enc.context, enc.context_mask)
-            steps.append(logits[:, 0])
-            prev = batch.query_out.view(B * nq, Tqo)[:, t]
+            logits, state, _ = model._decode_step(prev, state, enc.context, enc.context_mask)
+            steps.append(logits[0])
+            prev = batch.query_out.view(1, B * nq, Tqo)[..., t]
     valid = torch.arange(Tqo) < batch.query_out_len.view(B * nq, 1)       # padded steps are not computed
     torch.testing.assert_close(torch.stack(steps, 1)[valid], full[valid], atol=ATOL, rtol=0)
 
@@ -355,7 +355,7 @@ def test_loss_matches_hand_computation():
         lg = torch.cat([logits[b, q, :len(y) + 1] for q, (_, y) in enumerate(query)])
         tg = torch.tensor([t for _, y in query for t in y + [EOS_ID]])
         per_episode.append(F.cross_entropy(lg, tg))
-    torch.testing.assert_close(model.loss(batch), torch.stack(per_episode).mean(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.loss(batch)[0], torch.stack(per_episode).mean(), atol=1e-6, rtol=0)
 
 
 def stepwise_loss(model: MetaSeq2Seq, episodes) -> torch.Tensor:
@@ -393,7 +393,7 @@ def test_packed_loss_and_gradients_equal_a_stepwise_computation(name):
     model = make_model(**CONFIGS[name])
     episodes = random_episodes(seed=17, sizes=((3, 4), (1, 2), (2, 3)))
     packed = grads_of(model, batch_of(episodes))
-    packed_loss = model.loss(batch_of(episodes))
+    packed_loss = model.loss(batch_of(episodes))[0]
     model.zero_grad(set_to_none=True)
     reference = stepwise_loss(model, episodes)
     reference.backward()
@@ -410,7 +410,7 @@ def test_shapes(name):
     B, nq, Tqi = batch.query_in.shape
     ns, Tqo = batch.support_in.shape[1], batch.query_out.shape[2]
     assert model(batch).shape == (B, nq, Tqo, V_OUT)
-    assert model.loss(batch).shape == ()
+    assert model.loss(batch).shape == (1,)  # one per model; a model is a stack of one
     result = model.greedy_decode(batch, max_length=5, return_attention=True)
     L = result.tokens.shape[-1]
     assert result.tokens.dtype == result.lengths.dtype == torch.long

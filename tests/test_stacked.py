@@ -19,8 +19,7 @@ import torch
 
 from pipeline import store as episode_store
 from trainer.checkpoint import load_checkpoint
-from trainer.model import MetaSeq2Seq, ModelConfig, strip_decoded
-from trainer.stacked import StackedMetaSeq2Seq, clip_grad_norms_
+from trainer.model import MetaSeq2Seq, ModelConfig, clip_grad_norms_, stack_models, strip_decoded
 
 from test_model import V_IN, V_OUT, batch_of, random_episodes
 
@@ -39,6 +38,11 @@ def single_models(M: int, dtype=torch.float64, **kwargs) -> list[MetaSeq2Seq]:
     return models
 
 
+def stacked_grads(stack: MetaSeq2Seq) -> list[torch.Tensor]:
+    """Each parameter's gradient with a leading model dimension (a stack of one has none of its own)."""
+    return [p.grad if stack.num_models > 1 else p.grad.unsqueeze(0) for p in stack.parameters()]
+
+
 def per_model(episodes: list, M: int) -> list[list]:
     B = len(episodes) // M
     return [episodes[m * B:(m + 1) * B] for m in range(M)]
@@ -48,22 +52,22 @@ def per_model(episodes: list, M: int) -> list[list]:
 def test_each_stacked_loss_and_gradient_equals_its_single_model(variant):
     models = single_models(3, dropout=0.0, **VARIANTS[variant])
     episodes = random_episodes(11, SIZES)
-    stack = StackedMetaSeq2Seq(models)
+    stack = stack_models(models)
     losses = stack.loss(batch_of(episodes))
     losses.sum().backward()
     for m, (model, own) in enumerate(zip(models, per_model(episodes, 3))):
-        loss = model.loss(batch_of(own))
+        loss = model.loss(batch_of(own))[0]
         loss.backward()
         torch.testing.assert_close(losses[m], loss, rtol=1e-5, atol=0)
         for k, (name, p) in enumerate(model.named_parameters()):
-            torch.testing.assert_close(stack.weights[k].grad[m], p.grad, rtol=1e-5, atol=1e-12, msg=name)
+            torch.testing.assert_close(stacked_grads(stack)[k][m], p.grad, rtol=1e-5, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_stacked_greedy_decoding_equals_each_single_model(variant):
     models = [m.eval() for m in single_models(3, **VARIANTS[variant])]
     episodes = random_episodes(5, SIZES)
-    stacked = strip_decoded(StackedMetaSeq2Seq(models).eval().greedy_decode(batch_of(episodes), 12))
+    stacked = strip_decoded(stack_models(models).eval().greedy_decode(batch_of(episodes), 12))
     for m, (model, own) in enumerate(zip(models, per_model(episodes, 3))):
         assert stacked[2 * m:2 * m + 2] == strip_decoded(model.greedy_decode(batch_of(own), 12))
 
@@ -75,14 +79,14 @@ def test_each_model_draws_the_dropout_masks_of_its_single_run():
     different masks."""
     models = [m.train() for m in single_models(3, dtype=torch.float32, dropout=0.5)]
     episodes = random_episodes(3, SIZES[:3])
-    stack = StackedMetaSeq2Seq(models).train()
+    stack = stack_models(models).train()
     stack.generators = [torch.Generator().manual_seed(100 + m) for m in range(3)]
     losses = stack.loss(batch_of(episodes)).detach()
     for m, (model, own) in enumerate(zip(models, per_model(episodes, 3))):
         torch.manual_seed(100 + m)
-        torch.testing.assert_close(losses[m], model.loss(batch_of(own)).detach(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(losses[m], model.loss(batch_of(own))[0].detach(), rtol=1e-5, atol=0)
     # The same weights and episodes in every model: only the masks differ, and so do the losses.
-    same = StackedMetaSeq2Seq([models[0]] * 3).train()
+    same = stack_models([models[0]] * 3).train()
     same.generators = [torch.Generator().manual_seed(7 + m) for m in range(3)]
     losses = same.loss(batch_of(episodes[:1] * 3))
     assert len({round(float(x), 6) for x in losses}) == 3
@@ -91,7 +95,7 @@ def test_each_model_draws_the_dropout_masks_of_its_single_run():
 def test_each_model_is_clipped_on_its_own_norm():
     models = single_models(2, dropout=0.0)
     episodes = random_episodes(2, SIZES[:4])
-    stack = StackedMetaSeq2Seq(models)
+    stack = stack_models(models)
     stack.loss(batch_of(episodes)).sum().backward()
     norms = clip_grad_norms_(stack, 0.01)
     for m, (model, own) in enumerate(zip(models, per_model(episodes, 2))):
@@ -99,7 +103,7 @@ def test_each_model_is_clipped_on_its_own_norm():
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
         torch.testing.assert_close(norms[m], norm, rtol=1e-6, atol=0)
         for k, p in enumerate(model.parameters()):
-            torch.testing.assert_close(stack.weights[k].grad[m], p.grad, rtol=1e-5, atol=1e-12)
+            torch.testing.assert_close(stacked_grads(stack)[k][m], p.grad, rtol=1e-5, atol=1e-12)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -109,7 +113,7 @@ def test_a_stack_of_one_is_its_single_model_bit_for_bit(variant):
     the global generator's state (a single run draws its dropout masks from that)."""
     torch.manual_seed(3)
     model = MetaSeq2Seq(ModelConfig(V_IN, V_OUT, emb_size=24, dropout=0.5, **VARIANTS[variant])).train()
-    stack = StackedMetaSeq2Seq([model]).train()
+    stack = stack_models([model]).train()
     batch = batch_of(random_episodes(8, SIZES[:2]))
     stack.generators = [torch.Generator().manual_seed(11)]
     stack.loss(batch).sum().backward()
@@ -117,12 +121,12 @@ def test_a_stack_of_one_is_its_single_model_bit_for_bit(variant):
     model.loss(batch).backward()
     assert torch.equal(clip_grad_norms_(stack, 0.5)[0], torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5))
     for k, (name, p) in enumerate(model.named_parameters()):
-        assert torch.equal(stack.weights[k].grad[0], p.grad), name
+        assert torch.equal(stacked_grads(stack)[k][0], p.grad), name
 
 
 def test_model_state_dicts_are_single_checkpoint_weights():
     models = single_models(2)
-    stack = StackedMetaSeq2Seq(models)
+    stack = stack_models(models)
     for m, model in enumerate(models):
         state = stack.model_state_dict(m)
         assert list(state) == list(model.state_dict())
@@ -157,7 +161,7 @@ def test_initial_weights_are_bitwise_those_of_train_seed(me_store, tmp_path):
     cfg = TrainConfig(episode_type="ME", store=str(me_store), seeds=(4, 9), emb_size=16, dir_model=str(tmp_path))
     for seed in (4, 9):
         member = build_member(member_config(cfg, seed), torch.device("cpu"), resume=False)
-        stack = StackedMetaSeq2Seq([member.state.model])
+        stack = stack_models([member.state.model])
         torch.manual_seed(seed)
         reference = MetaSeq2Seq(member.state.model.cfg)
         assert all(torch.equal(stack.model_state_dict(0)[k], v) for k, v in reference.state_dict().items())

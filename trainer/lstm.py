@@ -74,13 +74,6 @@ def dropout(x: torch.Tensor, p: float, training: bool, generator: torch.Generato
     return x * keep.to(x.dtype)
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout through `dropout` above."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-
 def packed_lstm(lstm: nn.LSTM, x: torch.Tensor, packing: Packing, state: tuple[torch.Tensor, torch.Tensor] | None = None,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `lstm` (batch_first or not, any layers, uni- or bidirectional) over packed inputs.

@@ -1,4 +1,4 @@
-"""M independent models of the same configuration, trained in one process (`train --seeds`).
+"""The building blocks of M independent models of one configuration, trained in one process (`train --seeds`).
 
 The paper's protocol takes one episode per optimizer step, which leaves a CPU or GPU mostly idle: each LSTM
 step multiplies about (40 x 200) by (200 x 800). Batching episodes inside one model would change the science,
@@ -15,7 +15,7 @@ Empty rows (padded queries or support items, length 0) take no step at all, so e
 exactly the tokens, in the order, of a single model given the same episodes: dropout drawn per model over its
 valid tokens draws the very masks that `train --seed m` draws.
 
-The parameter names are those of MetaSeq2Seq (`model_state_dict(m)` is an ordinary checkpoint's "model").
+A stack of one does not come here: trainer/model.py runs it through the single model's modules.
 """
 from __future__ import annotations
 
@@ -25,11 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID
-from trainer.batch import EpisodeBatch
-from trainer.lstm import Packing, cell_update_, packed_lstm
-from trainer.model import (DecodeResult, MetaSeq2Seq, ModelConfig, attended_query_steps, masked_attention, output_mask,
-                           with_output_mask)
+from trainer.lstm import Packing, cell_update_
 
 
 # ---- packing ------------------------------------------------------------------------------------------------
@@ -237,277 +233,41 @@ class _StackedLinear(torch.autograd.Function):
         return grad_x, torch.bmm(grad.transpose(1, 2), x), grad.sum(1)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x (M, ..., in), weight (M, out, in), bias (M, out) -> (M, ..., out). A stack of one runs the single
-    model's 2-D product (forward and backward), so that it computes the very numbers of a single run."""
+def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x (M, ..., in), weight (M, out, in), bias (M, out) -> (M, ..., out)."""
     M = x.shape[0]
-    if M == 1:
-        return F.linear(x[0], weight[0], bias[0]).unsqueeze(0)
     out = _StackedLinear.apply(x.reshape(M, -1, x.shape[-1]), weight, bias)
     return out.view(x.shape[:-1] + (weight.shape[1],))
 
 
-def _embed(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """weight (M, V, E), tokens (M, ...) -> (M, ..., E); a stack of one as nn.Embedding (its backward sums alike)."""
+def stacked_embedding(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """weight (M, V, E), tokens (M, ...) -> (M, ..., E)."""
     M = weight.shape[0]
-    if M == 1:
-        return F.embedding(tokens[0], weight[0]).unsqueeze(0)
     return _gather_rows(weight, tokens.reshape(M, -1)).view(tokens.shape + (weight.shape[2],))
 
 
-def _right_pad(tokens: torch.Tensor, length: int) -> torch.Tensor:
-    return F.pad(tokens, (0, length - tokens.shape[-1]), value=PAD_ID)
-
-
-# ---- the model ----------------------------------------------------------------------------------------------
-
-@dataclass
-class _Encoded:
-    context: torch.Tensor        # (M*B*nq, Tqi, E)
-    context_mask: torch.Tensor   # (M*B*nq, Tqi) bool
-    init: torch.Tensor           # (M, B*nq, E) decoder h0 = c0 on every layer
-
-
-class StackedMetaSeq2Seq(nn.Module):
-    """M MetaSeq2Seq models with stacked weights. `loss` returns the M losses; `greedy_decode` decodes each
-    model's own episodes. Set `generators` (one torch.Generator per model) for per-model dropout streams."""
-
-    def __init__(self, models: list[MetaSeq2Seq]):
-        super().__init__()
-        if not models:
-            raise ValueError("a stack needs at least one model")
-        self.cfg: ModelConfig = models[0].cfg
-        if any(m.cfg != self.cfg for m in models):
-            raise ValueError("every model of a stack has the same configuration")
-        self.names = list(models[0].state_dict().keys())
-        singles = [dict(m.named_parameters()) for m in models]
-        # The single model's parameter order, so that optimizer states map index for index.
-        self.weights = nn.ParameterList(
-            nn.Parameter(torch.stack([s[name].detach() for s in singles])) for name in self.names)
-        self.index = {name: k for k, name in enumerate(self.names)}
-        self.register_buffer("output_mask", output_mask(self.cfg), persistent=False)  # as MetaSeq2Seq's
-        self.generators: list[torch.Generator] | None = None
-
-    @property
-    def num_models(self) -> int:
-        return self.weights[0].shape[0]
-
-    def w(self, name: str) -> torch.Tensor:
-        return self.weights[self.index[name]]
-
-    def model_state_dict(self, m: int) -> dict[str, torch.Tensor]:
-        """Model m's weights under MetaSeq2Seq's names: an ordinary checkpoint's "model"."""
-        return {name: p[m].detach().clone() for name, p in zip(self.names, self.weights)}
-
-    def load_model_state_dict(self, m: int, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, p in zip(self.names, self.weights):
-                p[m].copy_(state[name])
-
-    # ---- building blocks ----------------------------------------------------------------------------------
-
-    def _dropout(self, x: torch.Tensor, packing: StackedPacking | None) -> torch.Tensor:
-        return stacked_dropout(x, self.cfg.dropout, self.training, packing, self.generators)
-
-    def _lstm(self, prefix: str, x: torch.Tensor, packing: StackedPacking, bidirectional: bool,
-              state: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """nn.LSTM `prefix` of every model over packed x (M, S, in). state (h0, c0), each (layers * dirs, M, N,
-        E) in row order, zeros when None. Returns (last layer's output (M, S, dirs * E), h_n (layers * dirs,
-        M, N, E)). The backward direction runs forward over each row mirrored."""
-        if packing.single is not None and not x.is_cuda:
-            return self._lstm_of_one(prefix, x, packing.single, bidirectional, state)
-        directions, E, h_n = 1 + bidirectional, self.cfg.emb_size, []
-        M, N = packing.nonempty.shape
-        sort = packing.sorted_indices.unsqueeze(-1).expand(-1, -1, E)
-        for layer in range(self.cfg.nlayers):
-            if layer > 0:
-                x = self._dropout(x, packing)
-            outputs = []
-            for d in range(directions):
-                k, sfx = layer * directions + d, f"_l{layer}" + ("_reverse" if d else "")
-                bias = self.w(f"{prefix}.bias_ih{sfx}") + self.w(f"{prefix}.bias_hh{sfx}")
-                x_proj = _linear(packing.mirror(x) if d else x, self.w(f"{prefix}.weight_ih{sfx}"), bias)
-                if state is None:
-                    h0 = c0 = x.new_zeros(M, N, E)
-                else:
-                    h0, c0 = (s[k].gather(1, sort) for s in state)
-                out = _StackedRecurrence.apply(x_proj, h0, c0, self.w(f"{prefix}.weight_hh{sfx}"),
-                                               packing.batch_sizes)
-                out = packing.mirror(out) if d else out
-                outputs.append(out)
-                h_n.append(packing.at(out, packing.first_index if d else packing.last_index))
-            x = torch.cat(outputs, 2) if directions > 1 else outputs[0]
-        return x, torch.stack(h_n)
-
-    def _lstm_of_one(self, prefix: str, x: torch.Tensor, packing: Packing, bidirectional: bool,
-                     state: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_lstm` for a stack of one, through the single model's recurrence (2-D products, the backward
-        direction run backward): the numbers of `train --seed`, bit for bit."""
-        lstm = _OneLSTM(self, prefix, bidirectional)
-        state = None if state is None else tuple(s[:, 0] for s in state)
-        out, h_n = packed_lstm(lstm, x[0], packing, state, self.generators[0] if self.generators else None)
-        return out.unsqueeze(0), h_n.unsqueeze(1)
-
-    def _seq_encoder(self, prefix: str, tokens: torch.Tensor, packing: StackedPacking):
-        """tokens (M, N, T) -> (steps (M, S, E), final (M, N, E)): directions summed, as SeqEncoder."""
-        embedded = self._dropout(_embed(self.w(f"{prefix}.embedding.weight"), packing.pack(tokens)), packing)
-        out, h_n = self._lstm(f"{prefix}.lstm", embedded, packing, bidirectional=True)
-        E = self.cfg.emb_size
-        return out[..., :E] + out[..., E:], h_n[-2] + h_n[-1]
-
-    def _combine(self, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(_linear(torch.cat([a, b], -1), self.w(f"{name}.weight"), self.w(f"{name}.bias")))
-
-    # ---- encoder ------------------------------------------------------------------------------------------
-
-    def _encode(self, batch: EpisodeBatch) -> _Encoded:
-        M = self.num_models
-        MB, nq, Tqi = batch.query_in.shape
-        B, device = MB // M, batch.query_in.device
-        q_len = batch.query_in_len.reshape(-1).clamp(min=1)                   # (M*B*nq,)
-        if self.cfg.disable_memory:
-            lengths = batch.query_in_len.reshape(M, B * nq).cpu()
-            packing = StackedPacking.from_lengths(lengths, Tqi, device)
-            steps, final = self._seq_encoder("input_encoder", batch.query_in.reshape(M, B * nq, Tqi), packing)
-            context = packing.unpack(steps).reshape(M * B * nq, Tqi, -1)
-            return _Encoded(context, attended_query_steps(batch, self.cfg.mask_query_padding), final)
-        ns = batch.support_in.shape[1]
-        T = max(Tqi, batch.support_in.shape[2])
-        tokens = torch.cat([_right_pad(batch.query_in, T).reshape(M, B * nq, T),
-                            _right_pad(batch.support_in, T).reshape(M, B * ns, T)], 1)
-        lengths = torch.cat([batch.query_in_len.reshape(M, -1), batch.support_in_len.reshape(M, -1),
-                             batch.support_out_len.reshape(M, -1)], 1).cpu()
-        packing = StackedPacking.from_lengths(lengths[:, :B * (nq + ns)], T, device)
-        steps, final = self._seq_encoder("input_encoder", tokens, packing)
-        q_steps = packing.unpack(steps)[:, :B * nq, :Tqi].reshape(M * B * nq, Tqi, -1)
-        keys = final[:, B * nq:].reshape(M * B, ns, -1)
-        out_tokens = batch.support_out.reshape(M, B * ns, -1)
-        out_packing = StackedPacking.from_lengths(lengths[:, B * (nq + ns):], out_tokens.shape[2], device)
-        _, values = self._seq_encoder("output_encoder", out_tokens, out_packing)
-        mem, _ = masked_attention(q_steps.reshape(M * B, nq * Tqi, -1), keys, values.reshape(M * B, ns, -1),
-                                  batch.support_mask)
-        context = self._combine("memory_combine", q_steps.reshape(M, B * nq * Tqi, -1),
-                                mem.reshape(M, B * nq * Tqi, -1)).view(M * B * nq, Tqi, -1)
-        last = (q_len - 1).view(-1, 1, 1).expand(-1, 1, context.shape[-1])
-        init = context.gather(1, last).view(M, B * nq, -1)
-        return _Encoded(context, attended_query_steps(batch, self.cfg.mask_query_padding), init)
-
-    def _initial_state(self, enc: _Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-        h0 = enc.init.unsqueeze(0).expand(self.cfg.nlayers, -1, -1, -1)       # (nlayers, M, B*nq, E)
-        return h0, h0
-
-    # ---- training -----------------------------------------------------------------------------------------
-
-    def loss(self, batch: EpisodeBatch) -> torch.Tensor:
-        """(M,) each model's masked cross-entropy: token-mean within each episode, mean over its episodes."""
-        M = self.num_models
-        MB, nq, Tqo = batch.query_out.shape
-        B = MB // M
-        enc = self._encode(batch)
-        target_len = batch.query_out_len.reshape(M, B * nq)
-        packing = StackedPacking.from_lengths(target_len.cpu(), Tqo, batch.query_out.device)
-        targets = batch.query_out.reshape(M, B * nq, Tqo)
-        dec_in = torch.cat([torch.full_like(targets[..., :1], SOS_ID), targets[..., :-1]], 2)
-        embedded = self._dropout(_embed(self.w("dec_embedding.weight"), packing.pack(dec_in)), packing)
-        h, _ = self._lstm("dec_lstm", embedded, packing, False, self._initial_state(enc))   # (M, S, E)
-        if not self.cfg.disable_attention:
-            steps = packing.unpack(h).reshape(M * B * nq, Tqo, -1)
-            ctx, _ = masked_attention(steps, enc.context, enc.context, enc.context_mask)
-            h = self._combine("attn_combine", h, packing.pack(ctx.view(M, B * nq, Tqo, -1)))
-        logits = self._logits(h)                                             # (M, S, V)
-        token_loss = F.cross_entropy(logits.float().flatten(0, 1), packing.pack(targets).flatten(),  # as model.loss
-                                     reduction="none", ignore_index=PAD_ID).view(M, -1)
-        weighted = token_loss * self._token_weights(batch, packing)
-        return weighted.sum().view(1) if M == 1 else weighted.sum(1)  # M = 1: the single model's reduction
-
-    def _token_weights(self, batch: EpisodeBatch, packing: StackedPacking) -> torch.Tensor:
-        """(M, S): 1 / (tokens in its episode * the model's episodes with tokens) at valid tokens, else 0."""
-        M = self.num_models
-        lengths = batch.query_out_len.reshape(M, -1, batch.query_out.shape[1])    # (M, B, nq)
-        count = lengths.sum(2, keepdim=True)                                     # (M, B, 1)
-        episodes = (count > 0).sum(1, keepdim=True).clamp(min=1)                 # (M, 1, 1)
-        per_row = ((lengths > 0) / (count.clamp(min=1) * episodes)).reshape(M, -1).float()   # (M, B*nq)
-        rows = (packing.flat_index // packing.width).clamp(max=packing.rows - 1)
-        return per_row.gather(1, rows) * packing.valid
-
-    # ---- decoding -----------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def greedy_decode(self, batch: EpisodeBatch, max_length: int) -> DecodeResult:
-        """Greedy decoding of every model's episodes at once. Call eval() first. Rows keep stepping until
-        every row has emitted EOS (a finished row's later tokens are discarded)."""
-        if max_length < 1:
-            raise ValueError("max_length must be >= 1")
-        M = self.num_models
-        MB, nq, Tqi = batch.query_in.shape
-        enc = self._encode(batch)
-        R = MB // M * nq
-        h, c = (s.contiguous() for s in self._initial_state(enc))               # (nlayers, M, R, E)
-        state = [(h[k], c[k]) for k in range(self.cfg.nlayers)]
-        prev = torch.full((M, R), SOS_ID, dtype=torch.long, device=h.device)
-        running = batch.query_mask.reshape(M, R)
-        tokens = torch.full((M, R, max_length), PAD_ID, dtype=torch.long, device=h.device)
-        lengths = torch.zeros(M, R, dtype=torch.long, device=h.device)
-        steps = 0
-        while steps < max_length and bool(running.any()):
-            logits, state = self._decode_step(prev, state, enc)
-            prev = logits.argmax(-1)                                          # (M, R)
-            tokens[..., steps] = torch.where(running, prev, PAD_ID)
-            lengths += running
-            running = running & (prev != EOS_ID)
-            steps += 1
-        return DecodeResult(tokens[..., :steps].reshape(MB, nq, steps), lengths.view(MB, nq))
-
-    def _decode_step(self, prev: torch.Tensor, state: list, enc: _Encoded):
-        """One decoder step of every row: prev (M, R) -> logits (M, R, V), the new per-layer (h, c)."""
-        x = _embed(self.w("dec_embedding.weight"), prev)                      # (M, R, E)
-        new_state = []
-        for layer, (h, c) in enumerate(state):
-            sfx = f"_l{layer}"
-            gates = (_linear(x, self.w("dec_lstm.weight_ih" + sfx), self.w("dec_lstm.bias_ih" + sfx))
-                     + _linear(h, self.w("dec_lstm.weight_hh" + sfx), self.w("dec_lstm.bias_hh" + sfx)))
-            i, f, g, o = gates.chunk(4, -1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            new_state.append((h, c))
-            x = h
-        if not self.cfg.disable_attention:
-            M, R, E = x.shape
-            ctx, _ = masked_attention(x.reshape(M * R, 1, E), enc.context, enc.context, enc.context_mask)
-            x = self._combine("attn_combine", x, ctx.view(M, R, E))
-        return self._logits(x), new_state
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return with_output_mask(_linear(h, self.w("out.weight"), self.w("out.bias")), self.output_mask)
-
-
-class _OneLSTM:
-    """Model 0 of a stack as the nn.LSTM `prefix`, for packed_lstm: its settings, and its weights by name."""
-
-    def __init__(self, stack: StackedMetaSeq2Seq, prefix: str, bidirectional: bool):
-        cfg = stack.cfg
-        self.num_layers, self.hidden_size, self.bidirectional = cfg.nlayers, cfg.emb_size, bidirectional
-        self.dropout, self.training = cfg.dropout if cfg.nlayers > 1 else 0.0, stack.training
-        self._stack, self._prefix = stack, prefix
-
-    def __getattr__(self, name: str) -> torch.Tensor:  # weight_ih_l0, bias_hh_l1_reverse, ...
-        return self._stack.w(f"{self._prefix}.{name}")[0]
-
-
-def stack_models(models: list[MetaSeq2Seq]) -> StackedMetaSeq2Seq:
-    return StackedMetaSeq2Seq(models).to(next(models[0].parameters()).device)
-
-
-def clip_grad_norms_(stacked: StackedMetaSeq2Seq, max_norm: float) -> torch.Tensor:
-    """Clip each model's gradient to norm max_norm on its own norm (as clip_grad_norm_ does for one model);
-    returns the M norms before clipping. A stack of one clips as a single run does."""
-    grads = [p.grad for p in stacked.weights if p.grad is not None]
-    M = stacked.num_models
-    if M == 1:
-        return torch.nn.utils.clip_grad_norm_(stacked.weights, max_norm).view(1)
-    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.view(M, -1), dim=1) for g in grads]),
-                                     dim=0)                                                # (M,)
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.view((M,) + (1,) * (g.dim() - 1)).to(g.dtype))
-    return norms
+def stacked_packed_lstm(lstm: nn.LSTM, x: torch.Tensor, packing: StackedPacking,
+                        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lstm`, whose weights carry a leading model dimension M, over each model's packed x (M, S, in). state
+    (h0, c0), each (layers * dirs, M, N, E) in row order, zeros when None. Returns (the last layer's output
+    (M, S, dirs * E), h_n (layers * dirs, M, N, E)). The backward direction runs forward over each row
+    mirrored; the dropout between layers draws from `generators` as stacked_dropout does."""
+    directions, E, h_n = 1 + lstm.bidirectional, lstm.hidden_size, []
+    M, N = packing.nonempty.shape
+    sort = packing.sorted_indices.unsqueeze(-1).expand(-1, -1, E)
+    for layer in range(lstm.num_layers):
+        if layer > 0:
+            x = stacked_dropout(x, lstm.dropout, lstm.training, packing, generators)
+        outputs = []
+        for d in range(directions):
+            k, sfx = layer * directions + d, f"_l{layer}" + ("_reverse" if d else "")
+            weight = lambda name: getattr(lstm, name + sfx)  # noqa: E731
+            x_proj = stacked_linear(packing.mirror(x) if d else x, weight("weight_ih"), weight("bias_ih") + weight("bias_hh"))
+            h0, c0 = (x.new_zeros(M, N, E),) * 2 if state is None else (s[k].gather(1, sort) for s in state)
+            out = _StackedRecurrence.apply(x_proj, h0, c0, weight("weight_hh"), packing.batch_sizes)
+            out = packing.mirror(out) if d else out
+            outputs.append(out)
+            h_n.append(packing.at(out, packing.first_index if d else packing.last_index))
+        x = torch.cat(outputs, 2) if directions > 1 else outputs[0]
+    return x, torch.stack(h_n)

@@ -26,9 +26,9 @@ from trainer import distributed
 from trainer.checkpoint import save_checkpoint
 from trainer.data import StreamConfig, Tokenizer, collate_episodes, make_stack_loader, read_records
 from trainer.evaluate import score_record
-from trainer.model import evaluating, strip_decoded
+from trainer.model import (MetaSeq2Seq, clip_grad_norms_, evaluating, model_slice, stack_models, stack_weights,
+                           strip_decoded)
 from trainer.precision import use_exact_fp32
-from trainer.stacked import StackedMetaSeq2Seq, clip_grad_norms_
 from trainer.checkpoint import claim_checkpoint
 from trainer.config import SEED_FIELD, TrainConfig, check_checkpoint_target, check_config, recipe, with_store_episode_type
 from trainer.device import device_name, requested_device, resolve_device
@@ -95,24 +95,26 @@ def build_member(cfg: TrainConfig, device: torch.device, resume: bool) -> Member
     return Member(cfg, state, session, val, generator)
 
 
-def stack_optimizer(stack: StackedMetaSeq2Seq, members: list[Member], lr: float) -> torch.optim.Adam:
+def stack_optimizer(stack: MetaSeq2Seq, members: list[Member], lr: float) -> torch.optim.Adam:
     """One Adam over the stacked weights: element-wise, so M Adams. Resumed moments are stacked."""
     optimizer = torch.optim.Adam(stack.parameters(), lr=lr, fused=True)
     singles = [m.state.optimizer.state_dict() for m in members]
     if singles[0]["state"]:
         state = {k: {"step": singles[0]["state"][k]["step"],
-                     **{name: torch.stack([s["state"][k][name] for s in singles])
+                     **{name: stack_weights([s["state"][k][name] for s in singles])
                         for name in ("exp_avg", "exp_avg_sq")}} for k in singles[0]["state"]}
         optimizer.load_state_dict({"state": state, "param_groups": singles[0]["param_groups"]})
     return optimizer
 
 
-def sync_member(member: Member, m: int, stack: StackedMetaSeq2Seq, optimizer: torch.optim.Adam,
+def sync_member(member: Member, m: int, stack: MetaSeq2Seq, optimizer: torch.optim.Adam,
                 scheduler, stack_state: TrainState) -> None:
     """Copy model m's slice of the stack (weights, Adam moments, schedule, position) into its single state."""
     member.state.model.load_state_dict(stack.model_state_dict(m))
     full = optimizer.state_dict()
-    sliced = {k: {"step": v["step"].clone(), "exp_avg": v["exp_avg"][m].clone(), "exp_avg_sq": v["exp_avg_sq"][m].clone()}
+    M = stack.num_models
+    sliced = {k: {"step": v["step"].clone(), **{name: model_slice(v[name], m, M).clone()
+                                                 for name in ("exp_avg", "exp_avg_sq")}}
               for k, v in full["state"].items()}
     member.state.optimizer.load_state_dict({"state": sliced, "param_groups": full["param_groups"]})
     member.state.scheduler.load_state_dict(scheduler.state_dict())
@@ -185,7 +187,7 @@ def _run_stack(cfg: TrainConfig, members_cfg: list[TrainConfig], seeds: tuple[in
         print(f"the stack of seeds {','.join(map(str, seeds))} is finished: {members[0].state.episodes_done} "
               "episodes trained; nothing to do", flush=True)
         return result(members)
-    stack = StackedMetaSeq2Seq([m.state.model for m in members]).to(device)
+    stack = stack_models([m.state.model for m in members])
     stack.generators = [m.generator for m in members]
     first = members[0].state
     stack_state = TrainState(stack, stack_optimizer(stack, members, cfg.lr), episodes_done=first.episodes_done,
@@ -330,7 +332,7 @@ def save_all(state: TrainState, members: list[Member]) -> None:
 
 
 @torch.no_grad()
-def validate_stack(stack: StackedMetaSeq2Seq, records: list[list[dict]], tokenizer: Tokenizer, max_length: int,
+def validate_stack(stack: MetaSeq2Seq, records: list[list[dict]], tokenizer: Tokenizer, max_length: int,
                    device: torch.device, episodes_per_batch: int = 16) -> list[dict]:
     """Each model's validation scores on its own episodes, all models decoded together."""
     count = len(records[0])
