@@ -33,7 +33,7 @@ from trainer.data import StackStream, StreamConfig, Tokenizer  # noqa: E402
 from trainer.precision import use_exact_fp32  # noqa: E402
 from trainer.model import stack_models  # noqa: E402
 from trainer.state import TrainState, build_state  # noqa: E402
-from trainer.train_stack import stack_step  # noqa: E402
+from trainer.step import train_step  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -61,11 +61,11 @@ def bench(episode_type: str, size: int, steps: int, device: torch.device, root: 
     batches = [batch for _, batch in StackStream(streams)]
     state = stack_state(cfg, manifest, range(size), device)
     for batch in batches[:3]:  # warm-up
-        stack_step(state, batch.to(device), cfg, 1)
+        train_step(state, state.model.loss, batch.to(device), cfg, 1)
     sync(device)
     start = time.perf_counter()
     for batch in batches[3:3 + steps]:
-        stack_step(state, batch.to(device), cfg, 1)
+        train_step(state, state.model.loss, batch.to(device), cfg, 1)
     sync(device)
     seconds = time.perf_counter() - start
     model_cfg = state.model.cfg

@@ -92,7 +92,7 @@ def run_child(args) -> None:
     from trainer.data import StreamConfig, Tokenizer, make_loader
     from trainer.config import TrainConfig
     from trainer.state import build_state
-    from trainer.train import train_step
+    from trainer.step import train_step
     episode_type = args.types[0]
     cfg = TrainConfig(episode_type=episode_type, store=args.store)
     manifest = episode_store.load_manifest(Path(args.store))
@@ -106,12 +106,13 @@ def run_child(args) -> None:
 
     stream, loss = batches(), (lambda b: state.model.loss(b))
     for _ in range(3):
-        train_step(state, loss, next(stream)[1], cfg)
+        batch = next(stream)[1]
+        train_step(state, loss, batch, cfg, batch.num_episodes)
     with competing_job(10 * args.seconds + 60) if args.busy_later else contextlib.nullcontext():
         start, steps, episodes = time.perf_counter(), 0, 0
         while steps < 2 or time.perf_counter() - start < args.seconds:
             keys, batch = next(stream)
-            train_step(state, loss, batch, cfg)
+            train_step(state, loss, batch, cfg, batch.num_episodes)
             steps, episodes = steps + 1, episodes + len(keys)
         seconds = time.perf_counter() - start
     print(json.dumps({"episodes_per_s": round(episodes / seconds, 2), "steps": steps, "batch_size": cfg.batch_size,

@@ -31,7 +31,7 @@ from trainer.data import StreamConfig, Tokenizer, make_loader  # noqa: E402
 from trainer.precision import use_exact_fp32  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.state import build_state, model_config  # noqa: E402
-from trainer.train import train_step  # noqa: E402
+from trainer.step import train_step  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -54,12 +54,13 @@ def bench_type(episode_type: str, batch_size: int, steps: int, workers: int, dev
     batches = iter(make_loader(stream, pin_memory=device.type == "cuda"))
     loss_module = lambda b: state.model.loss(b)  # noqa: E731
     for _ in range(3):  # warm-up
-        train_step(state, loss_module, next(batches)[1].to(device), cfg)
+        batch = next(batches)[1].to(device)
+        train_step(state, loss_module, batch, cfg, batch.num_episodes)
     sync(device)
     start, done, flops = time.perf_counter(), 0, 0
     for _ in range(steps):
         keys, batch = next(batches)
-        train_step(state, loss_module, batch.to(device, non_blocking=True), cfg)
+        train_step(state, loss_module, batch.to(device, non_blocking=True), cfg, batch.num_episodes)
         done += len(keys)
         flops += int(train_flops(batch, model_config(cfg, manifest)).sum())
     sync(device)

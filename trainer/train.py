@@ -27,36 +27,13 @@ from trainer.checkpoint import claim_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, check_checkpoint_target, check_config, recipe, with_store_episode_type
 from trainer.data import StreamConfig, Tokenizer, make_loader, read_records
 from trainer.device import device_name, requested_device, resolve_device
-from trainer.evaluate import decode_records
-from trainer.metrics import score_episodes
 from trainer.precision import use_exact_fp32
 from trainer.runlog import RunLog, crossed
 from trainer.signals import StopRequest, TrainingInterrupted
 from trainer.state import (LossWrapper, Session, TrainState, advance_position, build_state, check_resumable,
-                           checkpoint_payload, count_step, restore, resumed_batches)
+                           checkpoint_payload, restore, resumed_batches)
+from trainer.step import mean_per_model, train_step, validate
 from trainer.stores import prepare_store, train_shards
-
-
-def validate(state: TrainState, val_records: list[dict], tokenizer: Tokenizer, cfg: TrainConfig,
-             device: torch.device) -> dict:
-    results = decode_records(state.model, val_records, tokenizer, cfg.max_length_eval, device)
-    scores = score_episodes(results)
-    return {k: scores[k] for k in ("accuracy", "retrieval", "generalization", "n_episodes")}
-
-
-def train_step(state: TrainState, loss_module: torch.nn.Module, batch, cfg: TrainConfig,
-               episodes: int | None = None) -> tuple[float, float]:
-    """One optimizer step on `batch`; `episodes` is the step's count over all processes (default: the batch's).
-    Returns the loss and the gradient norm before the clip."""
-    autocast = torch.autocast(batch.query_in.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
-    with autocast:
-        loss = loss_module(batch)
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip)
-    state.optimizer.step()
-    count_step(state, cfg, batch.num_episodes if episodes is None else episodes)
-    return float(loss.detach()), float(norm)
 
 
 def save(state: TrainState, session: Session, run: RunLog) -> int:
@@ -202,7 +179,7 @@ def _steps(state: TrainState, session: Session, loss_module, batches, validation
     """Train until `target` episodes, the end of the data, or a stop request (checked between steps, agreed
     by all processes); returns (stopped by request, episode count last saved)."""
     cfg, ctx, device = session.cfg, session.ctx, session.device
-    steps, window_start, window_episodes = [], time.perf_counter(), 0   # (loss, gradient norm) per step
+    steps, window_start, window_episodes = [], time.perf_counter(), 0   # (losses, gradient norms) per step
     while state.episodes_done < target:
         keys, batch, offset = next(batches, (None, None, 0))
         total, smallest, stopping = distributed.step_totals(ctx, len(keys) if keys else 0, stop.requested, device)
@@ -212,16 +189,17 @@ def _steps(state: TrainState, session: Session, loss_module, batches, validation
         if used < total:  # the last batch stops exactly at --num_episodes (one process only)
             batch = batch.take(used)
         before = state.episodes_done
-        steps.append(train_step(state, loss_module, batch.to(device, non_blocking=True), cfg, episodes=used))
+        steps.append(train_step(state, loss_module, batch.to(device, non_blocking=True), cfg, used))
         advance_position(state, offset, used, len(keys), ctx.active)
         window_episodes += used
         bar.update(used)
         if crossed(before, state.episodes_done, cfg.val_every) or state.episodes_done >= target:
             if ctx.is_main:
-                state.last_val = validate(state, *validation, cfg, device)
+                val_records, tokenizer = validation
+                state.last_val = validate(state.model, [val_records], tokenizer, cfg, device)[0]
                 rate = window_episodes / (time.perf_counter() - window_start)
                 losses, norms = zip(*steps)
-                run.record(state, rate, sum(losses) / len(losses), bar, norms)
+                run.record(state, rate, mean_per_model(losses)[0], bar, [float(n[0]) for n in norms])
             steps, window_start, window_episodes = [], time.perf_counter(), 0
         if crossed(before, state.episodes_done, cfg.checkpoint_every) or state.episodes_done >= target:
             saved_at = save(state, session, run)

@@ -23,20 +23,17 @@ from pipeline import provenance
 from pipeline import store as episode_store
 from pipeline.errors import UserError
 from trainer import distributed
-from trainer.checkpoint import save_checkpoint
-from trainer.data import StreamConfig, Tokenizer, collate_episodes, make_stack_loader, read_records
-from trainer.evaluate import score_record
-from trainer.model import (MetaSeq2Seq, clip_grad_norms_, evaluating, model_slice, stack_models, stack_weights,
-                           strip_decoded)
-from trainer.precision import use_exact_fp32
-from trainer.checkpoint import claim_checkpoint
+from trainer.checkpoint import claim_checkpoint, save_checkpoint
 from trainer.config import SEED_FIELD, TrainConfig, check_checkpoint_target, check_config, recipe, with_store_episode_type
+from trainer.data import StreamConfig, Tokenizer, make_stack_loader, read_records
 from trainer.device import device_name, requested_device, resolve_device
-from trainer.metrics import score_episodes
+from trainer.model import MetaSeq2Seq, model_slice, stack_models, stack_weights
+from trainer.precision import use_exact_fp32
 from trainer.runlog import RunLog, _fmt, crossed
 from trainer.signals import StopRequest, TrainingInterrupted
-from trainer.state import (Session, TrainState, advance_position, build_state, checkpoint_payload, count_step,
-                           lr_schedule, restore, resumed_batches)
+from trainer.state import (Session, TrainState, advance_position, build_state, checkpoint_payload, lr_schedule, restore,
+                           resumed_batches)
+from trainer.step import mean_per_model, train_step, validate
 from trainer.stores import prepare_store, train_shards
 
 
@@ -278,16 +275,15 @@ def _stack_steps(cfg, state: TrainState, members: list[Member], batches, tokeniz
         if used < available:  # the last step stops exactly at --num_episodes
             batch = take_per_model(batch, M, available, used)
         before = state.episodes_done
-        steps.append(stack_step(state, batch.to(device, non_blocking=True), cfg, used))
+        steps.append(train_step(state, state.model.loss, batch.to(device, non_blocking=True), cfg, used))
         advance_position(state, offset, used, available, False)
         window_episodes += used * M
         bar.update(used)
         if crossed(before, state.episodes_done, cfg.val_every) or state.episodes_done >= target:
             rate = window_episodes / (time.perf_counter() - window_start)
-            losses, norms = (torch.stack(x) for x in zip(*steps))           # (steps, M) each
-            # Each model's mean loss summed in Python floats, as a single run's log has it.
-            means = [sum(column) / len(column) for column in losses.t().tolist()]
-            record_all(state, members, means, norms.t(), rate, tokenizer, cfg, device, bar)
+            losses, norms = zip(*steps)
+            record_all(state, members, mean_per_model(losses), torch.stack(norms).t(), rate, tokenizer, cfg, device,
+                       bar)
             steps, window_start, window_episodes = [], time.perf_counter(), 0
         if crossed(before, state.episodes_done, cfg.checkpoint_every) or state.episodes_done >= target:
             save_all(state, members)
@@ -301,20 +297,9 @@ def take_per_model(batch, M: int, per_model: int, used: int):
     return type(batch)(**{name: value[keep] for name, value in vars(batch).items()})
 
 
-def stack_step(state: TrainState, batch, cfg: TrainConfig, episodes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step of every model; returns the M losses and the M gradient norms before the clip."""
-    losses = state.model.loss(batch)                                        # (M,)
-    state.optimizer.zero_grad(set_to_none=True)
-    losses.sum().backward()  # the models share no weight: each gets the gradient of its own loss
-    norms = clip_grad_norms_(state.model, cfg.clip)
-    state.optimizer.step()
-    count_step(state, cfg, episodes)
-    return losses.detach().cpu(), norms.detach().cpu()
-
-
 def record_all(state: TrainState, members: list[Member], losses: list[float], grad_norms: torch.Tensor,
                rate: float, tokenizer, cfg, device, bar) -> None:
-    scores = validate_stack(state.model, [m.val_records for m in members], tokenizer, cfg.max_length_eval, device)
+    scores = validate(state.model, [m.val_records for m in members], tokenizer, cfg, device)
     lr = state.optimizer.param_groups[0]["lr"]
     for member, loss, norms, val in zip(members, losses, grad_norms.tolist(), scores):
         member.state.episodes_done, member.state.last_val = state.episodes_done, val
@@ -329,23 +314,3 @@ def save_all(state: TrainState, members: list[Member]) -> None:
     for m, member in enumerate(members):
         sync_member(member, m, state.model, state.optimizer, state.scheduler, state)
         save_member(member)
-
-
-@torch.no_grad()
-def validate_stack(stack: MetaSeq2Seq, records: list[list[dict]], tokenizer: Tokenizer, max_length: int,
-                   device: torch.device, episodes_per_batch: int = 16) -> list[dict]:
-    """Each model's validation scores on its own episodes, all models decoded together."""
-    count = len(records[0])
-    if any(len(r) != count for r in records):
-        raise UserError("the stores of a stack hold different numbers of validation episodes")
-    with evaluating(stack):
-        per_model = [[] for _ in records]
-        for start in range(0, count, episodes_per_batch):
-            chunks = [r[start:start + episodes_per_batch] for r in records]
-            batch = collate_episodes([r for chunk in chunks for r in chunk], tokenizer, True).to(device)
-            decoded = strip_decoded(stack.greedy_decode(batch, max_length))
-            k = len(chunks[0])
-            for m, chunk in enumerate(chunks):
-                per_model[m] += [score_record(r, p, tokenizer) for r, p in zip(chunk, decoded[m * k:(m + 1) * k])]
-    return [{k: s[k] for k in ("accuracy", "retrieval", "generalization", "n_episodes")}
-            for s in map(score_episodes, per_model)]
