@@ -90,14 +90,6 @@ class RunLog:
         if len(kept) < len(rows):
             write_bytes_atomically(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
-    def record(self, state: TrainState, rate: float, loss: float, bar, grad_norms=()) -> None:
-        self.record_row(state, rate, loss, state.optimizer.param_groups[0]["lr"], grad_norms=grad_norms)
-        message = log_line(state, rate, loss)
-        if bar.disable:
-            print(message, flush=True)
-        else:
-            bar.write(message)  # above the progress bar, which stays at the bottom
-
     def record_row(self, state: TrainState, rate: float, loss: float, lr: float, stack_models: int = 1,
                    grad_norms=()) -> None:
         """A stack's rows give its rate summed over its models, and how many (stack_models). `grad_norms`: the

@@ -1,8 +1,9 @@
-"""`train --seeds`: M independent runs trained as one stack (trainer/stacked.py), in one process.
+"""`train --seeds`: M independent runs trained as one stack (a model of M members, trainer/model.py), in one
+process, through the loop of a single run (trainer/loop.py).
 
 Model m is the run that `train --seed m` would make: the same initial weights (bitwise), the same store and
 data order, the same dropout stream (its own generator, drawn over its own tokens), its own Adam moments and
-gradient clip, the same lr schedule. Each model writes an ordinary single-run checkpoint, metrics log and
+gradient clip, the same lr schedule; a stack of one is its single run bit for bit on the CPU. Each model writes an ordinary single-run checkpoint, metrics log and
 curve under DIR_MODEL/seed<m>/, with the train_config of that single run: `eval`, `predict` and a single
 `--resume` take it unchanged, and a stack resumes from its M checkpoints.
 
@@ -12,28 +13,24 @@ gradient averaging between different models.
 from __future__ import annotations
 
 import contextlib
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from pipeline import provenance
 from pipeline import store as episode_store
 from pipeline.errors import UserError
 from trainer import distributed
-from trainer.checkpoint import claim_checkpoint, save_checkpoint
+from trainer.checkpoint import claim_checkpoint
 from trainer.config import SEED_FIELD, TrainConfig, check_checkpoint_target, check_config, recipe, with_store_episode_type
 from trainer.data import StreamConfig, Tokenizer, make_stack_loader, read_records
 from trainer.device import device_name, requested_device, resolve_device
-from trainer.model import MetaSeq2Seq, model_slice, stack_models, stack_weights
+from trainer.model import MetaSeq2Seq, stack_models, stack_weights
 from trainer.precision import use_exact_fp32
-from trainer.runlog import RunLog, _fmt, crossed
-from trainer.signals import StopRequest, TrainingInterrupted
-from trainer.state import (Session, TrainState, advance_position, build_state, checkpoint_payload, lr_schedule, restore,
-                           resumed_batches)
-from trainer.step import mean_per_model, train_step, validate
+from trainer.runlog import RunLog
+from trainer.state import Session, TrainState, build_state, lr_schedule, restore, resumed_batches
+from trainer.loop import Member, Run, loop
 from trainer.stores import prepare_store, train_shards
 
 
@@ -63,18 +60,6 @@ def check_stack(cfg: TrainConfig, members: list[TrainConfig], device_type: str) 
         check_config(member, 1, device_type)
 
 
-@dataclass
-class Member:
-    """One model of the stack: its single-run config, state (synchronised from the stack when saved), store
-    and validation episodes, dropout generator and metrics log."""
-    cfg: TrainConfig
-    state: TrainState
-    session: Session
-    val_records: list[dict]
-    generator: torch.Generator
-    run: RunLog | None = None
-
-
 def build_member(cfg: TrainConfig, device: torch.device, resume: bool) -> Member:
     manifest = prepare_store(cfg, distributed.DistContext())
     session = Session(cfg, distributed.DistContext(), device, manifest, episode_store.manifest_sha256(cfg.store_path),
@@ -92,6 +77,26 @@ def build_member(cfg: TrainConfig, device: torch.device, resume: bool) -> Member
     return Member(cfg, state, session, val, generator)
 
 
+def check_in_step(members: list[Member]) -> None:
+    done = {m.state.episodes_done for m in members}
+    positions = {(m.state.batches, m.state.partial) for m in members}
+    if len(done) > 1 or len(positions) > 1:
+        raise UserError(f"cannot resume the stack: its checkpoints stand at different episodes ({sorted(done)}); "
+                        "resume each on its own, or train them again")
+
+
+def stacked_state(members: list[Member], cfg: TrainConfig) -> TrainState:
+    """The stack of the members' models, its Adam and lr schedule, at their (common) position."""
+    stack = stack_models([m.state.model for m in members])
+    stack.generators = [m.generator for m in members]
+    first = members[0].state
+    state = TrainState(stack, stack_optimizer(stack, members, cfg.lr), episodes_done=first.episodes_done,
+                       steps=first.steps, batches=first.batches, partial=first.partial)
+    state.scheduler = lr_schedule(state, cfg)
+    state.scheduler.load_state_dict(first.scheduler.state_dict())
+    return state
+
+
 def stack_optimizer(stack: MetaSeq2Seq, members: list[Member], lr: float) -> torch.optim.Adam:
     """One Adam over the stacked weights: element-wise, so M Adams. Resumed moments are stacked."""
     optimizer = torch.optim.Adam(stack.parameters(), lr=lr, fused=True)
@@ -102,30 +107,6 @@ def stack_optimizer(stack: MetaSeq2Seq, members: list[Member], lr: float) -> tor
                         for name in ("exp_avg", "exp_avg_sq")}} for k in singles[0]["state"]}
         optimizer.load_state_dict({"state": state, "param_groups": singles[0]["param_groups"]})
     return optimizer
-
-
-def sync_member(member: Member, m: int, stack: MetaSeq2Seq, optimizer: torch.optim.Adam,
-                scheduler, stack_state: TrainState) -> None:
-    """Copy model m's slice of the stack (weights, Adam moments, schedule, position) into its single state."""
-    member.state.model.load_state_dict(stack.model_state_dict(m))
-    full = optimizer.state_dict()
-    M = stack.num_models
-    sliced = {k: {"step": v["step"].clone(), **{name: model_slice(v[name], m, M).clone()
-                                                 for name in ("exp_avg", "exp_avg_sq")}}
-              for k, v in full["state"].items()}
-    member.state.optimizer.load_state_dict({"state": sliced, "param_groups": full["param_groups"]})
-    member.state.scheduler.load_state_dict(scheduler.state_dict())
-    for name in ("episodes_done", "steps", "batches", "partial"):
-        setattr(member.state, name, getattr(stack_state, name))
-
-
-def save_member(member: Member) -> None:
-    payload = checkpoint_payload(member.state, member.session)
-    on_cuda = member.session.device.type == "cuda"
-    payload["rng"] = {"torch": torch.get_rng_state() if on_cuda else member.generator.get_state(),
-                      "cuda": member.generator.get_state() if on_cuda else None}
-    member.run.draw()
-    save_checkpoint(member.cfg.checkpoint_path, payload)
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
@@ -174,32 +155,24 @@ def _train_stack(cfg: TrainConfig, seeds: tuple[int, ...], device: torch.device,
 def _run_stack(cfg: TrainConfig, members_cfg: list[TrainConfig], seeds: tuple[int, ...], device) -> dict:
     use_exact_fp32(device)
     members = [build_member(c, device, cfg.resume) for c in members_cfg]
-    done = {m.state.episodes_done for m in members}
-    positions = {(m.state.batches, m.state.partial) for m in members}
-    if len(done) > 1 or len(positions) > 1:
-        raise UserError(f"cannot resume the stack: its checkpoints stand at different episodes ({sorted(done)}); "
-                        "resume each on its own, or train them again")
-    members_cfg = [m.cfg for m in members]
+    check_in_step(members)
     if members[0].state.episodes_done >= cfg.num_episodes:
         print(f"the stack of seeds {','.join(map(str, seeds))} is finished: {members[0].state.episodes_done} "
               "episodes trained; nothing to do", flush=True)
         return result(members)
-    stack = stack_models([m.state.model for m in members])
-    stack.generators = [m.generator for m in members]
-    first = members[0].state
-    stack_state = TrainState(stack, stack_optimizer(stack, members, cfg.lr), episodes_done=first.episodes_done,
-                             steps=first.steps, batches=first.batches, partial=first.partial)
-    stack_state.scheduler = lr_schedule(stack_state, cfg)
-    stack_state.scheduler.load_state_dict(first.scheduler.state_dict())
+    stack_state = stacked_state(members, cfg)
     for member in members:
-        member.run = RunLog(member.cfg, True, member.state.episodes_done)
+        member.log = RunLog(member.cfg, True, member.state.episodes_done)
     print(stack_summary(cfg, members, device), flush=True)
+    streams = stack_streams(members, cfg.batch_size, cfg.workers)
+    batches = resumed_batches(make_stack_loader(streams, cfg.workers, pin_memory=device.type == "cuda"), stack_state)
+    run = Run(cfg, distributed.DistContext(), device, stack_state, members, stack_state.model.loss,
+              streams[0].tokenizer)
     try:
-        with StopRequest() as stop:
-            _stack_loop(cfg, stack_state, members, device, stop)
+        loop(run, batches)
     finally:
         for member in members:
-            member.run.close()
+            member.log.close()
     return result(members)
 
 
@@ -236,81 +209,3 @@ def stack_streams(members: list[Member], batch_size: int, workers: int) -> list[
     if len({s.tokenizer for s in streams}) > 1:
         raise UserError("the stores of a stack have different vocabularies: one stack holds one episode type")
     return streams
-
-
-def _stack_loop(cfg: TrainConfig, state: TrainState, members: list[Member], device: torch.device,
-                stop: StopRequest) -> None:
-    streams = stack_streams(members, cfg.batch_size, cfg.workers)
-    batches = resumed_batches(make_stack_loader(streams, cfg.workers, pin_memory=device.type == "cuda"), state)
-    bar = tqdm(total=cfg.num_episodes, initial=state.episodes_done, unit="ep", dynamic_ncols=True,
-               disable=not cfg.progress)
-    target = min(cfg.num_episodes, cfg.stop_after or cfg.num_episodes)
-    saved_at = state.episodes_done if cfg.resume else None
-    try:
-        saved_at = _stack_steps(cfg, state, members, batches, streams[0].tokenizer, device, stop, bar, target,
-                                saved_at)
-    finally:
-        batches.close()
-        bar.close()
-    if state.episodes_done < target:
-        if stop.requested:
-            if state.episodes_done not in (saved_at, 0):
-                save_all(state, members)
-                saved_at = state.episodes_done
-            raise TrainingInterrupted(state.episodes_done, cfg.num_episodes,
-                                      Path(cfg.dir_model) if saved_at is not None else None, True)
-        raise UserError(f"the store ran out after {state.episodes_done} episodes, before {target}")
-
-
-def _stack_steps(cfg, state: TrainState, members: list[Member], batches, tokenizer, device, stop, bar, target,
-                 saved_at):
-    steps, window_start, window_episodes = [], time.perf_counter(), 0   # (M losses, M gradient norms) per step
-    M = len(members)
-    while state.episodes_done < target and not stop.requested:
-        keys, batch, offset = next(batches, (None, None, 0))
-        if keys is None:
-            break
-        available = len(keys[0])
-        used = min(available, cfg.num_episodes - state.episodes_done)
-        if used < available:  # the last step stops exactly at --num_episodes
-            batch = take_per_model(batch, M, available, used)
-        before = state.episodes_done
-        steps.append(train_step(state, state.model.loss, batch.to(device, non_blocking=True), cfg, used))
-        advance_position(state, offset, used, available, False)
-        window_episodes += used * M
-        bar.update(used)
-        if crossed(before, state.episodes_done, cfg.val_every) or state.episodes_done >= target:
-            rate = window_episodes / (time.perf_counter() - window_start)
-            losses, norms = zip(*steps)
-            record_all(state, members, mean_per_model(losses), torch.stack(norms).t(), rate, tokenizer, cfg, device,
-                       bar)
-            steps, window_start, window_episodes = [], time.perf_counter(), 0
-        if crossed(before, state.episodes_done, cfg.checkpoint_every) or state.episodes_done >= target:
-            save_all(state, members)
-            saved_at = state.episodes_done
-    return saved_at
-
-
-def take_per_model(batch, M: int, per_model: int, used: int):
-    """The first `used` episodes of each model's `per_model` in a model-major batch."""
-    keep = torch.arange(M * per_model).view(M, per_model)[:, :used].reshape(-1)
-    return type(batch)(**{name: value[keep] for name, value in vars(batch).items()})
-
-
-def record_all(state: TrainState, members: list[Member], losses: list[float], grad_norms: torch.Tensor,
-               rate: float, tokenizer, cfg, device, bar) -> None:
-    scores = validate(state.model, [m.val_records for m in members], tokenizer, cfg, device)
-    lr = state.optimizer.param_groups[0]["lr"]
-    for member, loss, norms, val in zip(members, losses, grad_norms.tolist(), scores):
-        member.state.episodes_done, member.state.last_val = state.episodes_done, val
-        member.run.record_row(member.state, rate, loss, lr, stack_models=len(members), grad_norms=norms)
-    gen = " ".join(f"{m.cfg.seed}:{_fmt(v['generalization'])}" for m, v in zip(members, scores))
-    message = (f"episode {state.episodes_done} | {rate:.1f} episodes/s (all models) | loss "
-               f"{sum(losses) / len(losses):.4f} (mean) | val generalization by seed {gen}")
-    print(message, flush=True) if bar.disable else bar.write(message)
-
-
-def save_all(state: TrainState, members: list[Member]) -> None:
-    for m, member in enumerate(members):
-        sync_member(member, m, state.model, state.optimizer, state.scheduler, state)
-        save_member(member)
