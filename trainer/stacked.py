@@ -4,7 +4,7 @@ The paper's protocol takes one episode per optimizer step, which leaves a CPU or
 step multiplies about (40 x 200) by (200 x 800). Batching episodes inside one model would change the science,
 so the parallelism goes across independent runs instead: every weight gets a leading model dimension M, model
 m reads its own episode(s), and one step runs the forward and backward of all M models as batched products
-(`bmm`), with the packed recurrence stepping all M models at once. The models share nothing but the step:
+(`bmm`), with the packed recurrence (trainer/lstm.py) stepping all M models at once. The models share nothing but the step:
 each has its own weights, data order, dropout stream, Adam moments (Adam is element-wise) and gradient clip.
 
 Layout: a stacked batch is an EpisodeBatch of M*B episodes, model-major (episodes m*B .. m*B+B-1 are model
@@ -15,17 +15,17 @@ Empty rows (padded queries or support items, length 0) take no step at all, so e
 exactly the tokens, in the order, of a single model given the same episodes: dropout drawn per model over its
 valid tokens draws the very masks that `train --seed m` draws.
 
-A stack of one does not come here: trainer/model.py runs it through the single model's modules.
+A stack of one runs an empty row for one step, as the single model does, and packs exactly as
+trainer.lstm.Packing (StackedPacking.single); trainer/model.py runs it through the single model's modules.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from trainer.lstm import Packing, cell_update_
+from trainer.lstm import Packing, Recurrence
 
 
 # ---- packing ------------------------------------------------------------------------------------------------
@@ -61,10 +61,8 @@ class StackedPacking:
     def from_lengths(cls, lengths: torch.Tensor, width: int, device) -> "StackedPacking":
         """lengths (M, N) >= 0 on the CPU (the index arithmetic stays on the host). A stack of one runs an
         empty row for one step, as the single model does, so that it packs exactly as trainer.lstm.Packing."""
-        lengths = lengths.to(torch.long)
+        lengths = lengths.to(torch.long).clamp(min=1 if lengths.shape[0] == 1 else 0)
         M, N = lengths.shape
-        if M == 1:
-            lengths = lengths.clamp(min=1)
         sorted_lengths, sorted_indices = torch.sort(lengths, dim=1, descending=True, stable=True)
         per_model = (torch.arange(width).view(1, -1, 1) < sorted_lengths.unsqueeze(1)).sum(2)   # (M, T)
         sizes = per_model.amax(0)
@@ -138,83 +136,7 @@ def stacked_dropout(x: torch.Tensor, p: float, training: bool, packing: StackedP
     return x * keep.view(M, S, Fdim)
 
 
-# ---- the recurrence -----------------------------------------------------------------------------------------
-
-def _prev_positions(batch_sizes: list[int]) -> torch.Tensor:
-    """(S,) for each packed position, the position of its previous state in cat([all states, h0], 1)."""
-    sizes = torch.tensor(batch_sizes)
-    starts = torch.cumsum(sizes, 0) - sizes
-    S = int(sizes.sum())
-    step = torch.repeat_interleave(torch.arange(len(batch_sizes)), sizes)
-    slot = torch.arange(S) - starts[step]
-    return torch.where(step > 0, starts[(step - 1).clamp(min=0)] + slot, S + slot)
-
-
-class _StackedRecurrence(torch.autograd.Function):
-    """One forward-direction LSTM layer of M models over packed steps, given the input projections.
-
-    x_proj (M, S, 4E) gates (i, f, g, o) without the recurrent term; h0, c0 (M, N, E) in sorted order;
-    w_hh (M, 4E, E). Returns h (M, S, E). Every row starts at step 0 and the rows of step t are a prefix of
-    those of step t - 1, so each step is one bmm over the prefix and a few in-place element-wise ops."""
-
-    @staticmethod
-    def forward(ctx, x_proj, h0, c0, w_hh, batch_sizes: list[int]):
-        M, S, G = x_proj.shape
-        E = G // 4
-        gates, c_all = torch.empty_like(x_proj), x_proj.new_empty(M, S, E)
-        h_all, tanh_c = torch.empty_like(c_all), torch.empty_like(c_all)
-        w_t = w_hh.transpose(1, 2).contiguous()                             # (M, E, 4E)
-        h_prev, c_prev, start = h0, c0, 0
-        for n in batch_sizes:
-            step = slice(start, start + n)
-            g, c, tc, h = gates[:, step], c_all[:, step], tanh_c[:, step], h_all[:, step]
-            torch.baddbmm(x_proj[:, step], h_prev[:, :n], w_t, out=g)
-            cell_update_(g, c_prev[:, :n], c, tc, h)
-            h_prev, c_prev, start = h, c, start + n
-        ctx.batch_sizes = batch_sizes
-        ctx.save_for_backward(gates, c_all, tanh_c, h_all, h0, c0, w_hh)
-        return h_all
-
-    @staticmethod
-    def backward(ctx, grad_h):
-        gates, c_all, tanh_c, h_all, h0, c0, w_hh = ctx.saved_tensors
-        batch_sizes = ctx.batch_sizes
-        M, S, E = h_all.shape
-        prev = _prev_positions(batch_sizes).to(h0.device)
-        h_prev = torch.cat([h_all, h0], 1)[:, prev]                          # (M, S, E)
-        c_prev = torch.cat([c_all, c0], 1)[:, prev]
-        i, f, g, o = gates.split(E, 2)
-        # Everything that does not depend on the recurrence, for all tokens at once.
-        dc_per_dh = o * (1 - tanh_c * tanh_c)
-        do_per_dh = tanh_c * o * (1 - o)
-        difg_per_dc = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 2)   # (M, S, 3, E)
-        grad_h = grad_h.contiguous()
-        grad_gates = h_all.new_empty(M, S, 4, E)
-        grad_h0, grad_c0 = torch.zeros_like(h0), torch.zeros_like(c0)
-        ends = torch.cumsum(torch.tensor(batch_sizes), 0).tolist()
-        carry_h = carry_c = None
-        for n, end in zip(reversed(batch_sizes), reversed(ends)):
-            step = slice(end - n, end)
-            dh = grad_h[:, step]
-            if carry_h is None:
-                dc = dh * dc_per_dh[:, step]
-            else:
-                if carry_h.shape[1] < n:
-                    carry_h, carry_c = (F.pad(x, (0, 0, 0, n - x.shape[1])) for x in (carry_h, carry_c))
-                dh = dh + carry_h
-                dc = torch.addcmul(carry_c, dh, dc_per_dh[:, step])
-            dg = grad_gates[:, step]                                        # (M, n, 4, E)
-            torch.mul(dc.unsqueeze(2), difg_per_dc[:, step], out=dg[:, :, :3])
-            torch.mul(dh, do_per_dh[:, step], out=dg[:, :, 3])
-            carry_h = torch.bmm(dg.reshape(M, n, 4 * E), w_hh)
-            carry_c = dc * f[:, step]
-        n0 = batch_sizes[0] if batch_sizes else 0
-        if carry_h is not None:
-            grad_h0[:, :n0], grad_c0[:, :n0] = carry_h, carry_c
-        grad_gates = grad_gates.view(M, S, 4 * E)
-        grad_w_hh = torch.bmm(grad_gates.transpose(1, 2), h_prev)            # (M, 4E, E)
-        return grad_gates, grad_h0, grad_c0, grad_w_hh, None
-
+# ---- products with each model's own weights --------------------------------------------------------------
 
 class _StackedLinear(torch.autograd.Function):
     """x (M, R, in) @ weight (M, out, in)^T + bias (M, out). Its own backward computes the weight gradient in
@@ -265,7 +187,7 @@ def stacked_packed_lstm(lstm: nn.LSTM, x: torch.Tensor, packing: StackedPacking,
             weight = lambda name: getattr(lstm, name + sfx)  # noqa: E731
             x_proj = stacked_linear(packing.mirror(x) if d else x, weight("weight_ih"), weight("bias_ih") + weight("bias_hh"))
             h0, c0 = (x.new_zeros(M, N, E),) * 2 if state is None else (s[k].gather(1, sort) for s in state)
-            out = _StackedRecurrence.apply(x_proj, h0, c0, weight("weight_hh"), packing.batch_sizes)
+            out = Recurrence.apply(x_proj, h0, c0, weight("weight_hh"), packing.batch_sizes, False)
             out = packing.mirror(out) if d else out
             outputs.append(out)
             h_n.append(packing.at(out, packing.first_index if d else packing.last_index))
