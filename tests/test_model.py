@@ -517,16 +517,16 @@ def test_packed_lstm_equals_nn_lstm(bidirectional, with_state):
     x = torch.randn(N, T, 5, dtype=torch.double, requires_grad=True)
     state = tuple(torch.randn(layers * dirs, N, E, dtype=torch.double, requires_grad=True)
                   for _ in range(2)) if with_state else None
-    packing = Packing.from_lengths(lengths, T, "cpu")
-    out, h_n = packed_lstm(lstm, packing.pack(x), packing, state)
+    packing = Packing.from_lengths(lengths[None], T, "cpu")                 # one model (M = 1)
+    out, h_n = packed_lstm(lstm, packing.pack(x[None])[0], packing, state)
     ref, (ref_h_n, _) = lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False), state)
     ref_out = pad_packed_sequence(ref, batch_first=True, total_length=T)[0]
-    torch.testing.assert_close(packing.unpack(out), ref_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(packing.unpack(out[None])[0], ref_out, atol=1e-12, rtol=0)
     torch.testing.assert_close(h_n, ref_h_n, atol=1e-12, rtol=0)
 
     weights = torch.randn_like(ref_out)
     inputs = [x, *lstm.parameters(), *(state or ())]
-    ours = torch.autograd.grad((packing.unpack(out) * weights).sum() + h_n.sum(), inputs)
+    ours = torch.autograd.grad((packing.unpack(out[None])[0] * weights).sum() + h_n.sum(), inputs)
     theirs = torch.autograd.grad((ref_out * weights).sum() + ref_h_n.sum(), inputs)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
@@ -538,7 +538,7 @@ def test_the_cuda_path_packs_for_nn_lstm_alike():
     torch.manual_seed(1)
     lstm = torch.nn.LSTM(4, 5, 2, bidirectional=True).double()
     lengths = torch.tensor([2, 5, 1, 5])
-    packing = Packing.from_lengths(lengths, 6, "cpu")
+    packing = Packing.from_lengths(lengths[None], 6, "cpu")
     x = torch.randn(int(lengths.sum()), 4, dtype=torch.double)
     state = tuple(torch.randn(4, 4, 5, dtype=torch.double) for _ in range(2))
     for a, b in zip(_cudnn_lstm(lstm, x, packing, state), packed_lstm(lstm, x, packing, state)):
@@ -546,12 +546,12 @@ def test_the_cuda_path_packs_for_nn_lstm_alike():
 
 def test_packing_round_trip():
     lengths = torch.tensor([2, 4, 1])
-    packing = Packing.from_lengths(lengths, 5, "cpu")
-    padded = torch.arange(15).view(3, 5) + 1
+    packing = Packing.from_lengths(lengths[None], 5, "cpu")
+    padded = torch.arange(15).view(1, 3, 5) + 1
     packed = packing.pack(padded)
-    assert packed.tolist() == [6, 1, 11, 7, 2, 8, 9]            # time-major, longest row first
+    assert packed.tolist() == [[6, 1, 11, 7, 2, 8, 9]]            # time-major, longest row first
     assert packing.batch_sizes == [3, 2, 1, 1]
-    assert packing.token_rows.tolist() == [1, 0, 2, 1, 0, 1, 1]
+    assert (packing.flat_index // packing.width).tolist() == [[1, 0, 2, 1, 0, 1, 1]]   # each token's row
     assert torch.equal(packing.unpack(packed), padded * (torch.arange(5) < lengths.unsqueeze(1)))
 
 

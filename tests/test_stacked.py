@@ -188,6 +188,7 @@ def test_a_stack_follows_the_separate_runs_step_by_step(me_store, tmp_path, drop
         assert rows == losses(tmp_path / f"single{seed}" / "net_ME.metrics.jsonl", "grad_norm")  # one step a row
 
 
+@pytest.mark.slow
 def test_train_seeds_of_one_writes_the_checkpoint_of_train_seed(me_store, tmp_path):
     """A stack of one is a single run, bit for bit: weights, Adam's moments, the RNG state and the logged losses."""
     common = ["--store", str(me_store), "--num_episodes", "12", "--val_every", "4", "--dropout", "0.5", *TINY]

@@ -11,8 +11,10 @@ Here a layer is:
   W_hh on the rows still running and a few in-place element-wise ops; its backward is the same loop in
   reverse, and the W_hh gradient is one product over all tokens at the end.
 
-The parameters are those of an `nn.LSTM` (same names and layout), so checkpoints do not change. On CUDA
-the packed nn.LSTM (cuDNN) is used instead.
+The packing (`Packing`) and the recurrence serve M models at once (a stack, trainer/stacked.py); one
+model is M = 1. `packed_lstm` runs one model's `nn.LSTM` over its packed tokens: its parameters are the
+module's (same names and layout), so checkpoints do not change. On CUDA the packed nn.LSTM (cuDNN) is used
+instead.
 """
 from __future__ import annotations
 
@@ -25,44 +27,86 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 
+def gather_rows(data: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """data (M, R, ...), index (M, K) long -> (M, K, ...): data[m, index[m, k]]."""
+    rows = torch.arange(data.shape[0], device=data.device).unsqueeze(1)
+    return data[rows, index]
+
+
 @dataclass
 class Packing:
-    """How N padded rows of width T map to the packed, time-major layout: step t holds the rows still
-    running at t, longest first (the layout of pack_padded_sequence)."""
-    batch_sizes: list[int]        # rows at each step, non-increasing
-    sorted_indices: torch.Tensor  # (N,) row at each position within a step
-    unsorted_indices: torch.Tensor  # (N,) position within a step of each row
-    flat_index: torch.Tensor      # (total,) packed token -> row * T + t
-    token_rows: torch.Tensor      # (total,) packed token -> row
-    last_index: torch.Tensor      # (N,) packed position of each row's last token
-    rows: int                     # N
-    width: int                    # T
+    """How the (M, N) rows of width T of M models map to the packed layout (M, S, ...): per model, rows sorted
+    longest first (stable) and packed time-major, the layout of pack_padded_sequence. All models share one
+    step layout: step t holds n_t = the most rows any model still runs at t; a model with fewer has padding
+    at the end of the step. In a stack rows of length 0 never run; one model runs them for one step."""
+    batch_sizes: list[int]          # n_t, non-increasing
+    sorted_indices: torch.Tensor    # (M, N) row at each slot of a step
+    flat_index: torch.Tensor        # (M, S) packed position -> row * T + t, or N * T (a zero slot) for padding
+    valid: torch.Tensor             # (M, S) bool
+    last_index: torch.Tensor        # (M, N) packed position of each row's last token (0 for an empty row)
+    first_index: torch.Tensor       # (M, N) packed position of each row's first token
+    nonempty: torch.Tensor          # (M, N) bool
+    reverse_index: torch.Tensor     # (M, S) position of the same row's mirrored step (t -> length - 1 - t)
+    dropout_index: torch.Tensor     # (total valid,) m * S + s of each valid token, model-major, s ascending
+    valid_counts: list[int]         # valid tokens per model
+    rows: int
+    width: int
 
     @classmethod
-    def from_lengths(cls, lengths_cpu: torch.Tensor, width: int, device) -> "Packing":
-        """lengths_cpu (N,) >= 1, on the CPU (the index arithmetic stays on the host)."""
-        lengths_cpu = lengths_cpu.to(torch.long)
-        sorted_lengths, sorted_indices = torch.sort(lengths_cpu, descending=True, stable=True)
-        running = torch.arange(width).unsqueeze(1) < sorted_lengths.unsqueeze(0)   # (T, N) time-major
-        steps, positions = running.nonzero(as_tuple=True)                           # packed order
-        batch_sizes = running.sum(1)
-        offsets = torch.cumsum(batch_sizes, 0) - batch_sizes                        # (T,)
-        unsorted_indices = torch.empty_like(sorted_indices)
-        unsorted_indices[sorted_indices] = torch.arange(len(sorted_indices))
-        last_index = offsets[lengths_cpu - 1] + unsorted_indices
-        token_rows = sorted_indices[positions]
+    def from_lengths(cls, lengths: torch.Tensor, width: int, device) -> "Packing":
+        """lengths (M, N) >= 0 on the CPU (the index arithmetic stays on the host)."""
+        lengths = lengths.to(torch.long).clamp(min=1 if lengths.shape[0] == 1 else 0)
+        M, N = lengths.shape
+        sorted_lengths, sorted_indices = torch.sort(lengths, dim=1, descending=True, stable=True)
+        per_model = (torch.arange(width).view(1, -1, 1) < sorted_lengths.unsqueeze(1)).sum(2)   # (M, T)
+        sizes = per_model.amax(0)
+        steps = int((sizes > 0).sum())
+        sizes, per_model = sizes[:steps], per_model[:, :steps]
+        offsets = torch.cumsum(sizes, 0) - sizes
+        step_of = torch.repeat_interleave(torch.arange(steps), sizes)                            # (S,)
+        slot_of = torch.arange(len(step_of)) - offsets[step_of]
+        valid = slot_of.unsqueeze(0) < per_model[:, step_of]                                     # (M, S)
+        row = sorted_indices.gather(1, slot_of.expand(M, -1).clamp(max=N - 1))
+        flat_index = torch.where(valid, row * width + step_of, N * width)
+        unsorted = torch.empty_like(sorted_indices)
+        unsorted.scatter_(1, sorted_indices, torch.arange(N).expand(M, -1).contiguous())
+        last_step = (lengths - 1).clamp(min=0, max=max(steps - 1, 0))
+        last_index = offsets[last_step] + unsorted if steps else torch.zeros_like(lengths)
+        row_length = lengths.gather(1, row)
+        mirror = offsets[(row_length - 1 - step_of).clamp(min=0, max=max(steps - 1, 0))] + slot_of
+        reverse_index = torch.where(valid, mirror, torch.arange(len(step_of)))
+        model_of, position = valid.nonzero(as_tuple=True)
         to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return cls([int(n) for n in batch_sizes if n > 0], to(sorted_indices), to(unsorted_indices),
-                   to(token_rows * width + steps), to(token_rows), to(last_index), len(lengths_cpu), width)
+        return cls([int(n) for n in sizes], to(sorted_indices), to(flat_index), to(valid), to(last_index),
+                   to(unsorted), to(lengths > 0), to(reverse_index), to(model_of * len(step_of) + position),
+                   valid.sum(1).tolist(), N, width)
+
+    @property
+    def size(self) -> int:
+        return self.flat_index.shape[1]
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
-        """(N, T, ...) -> (total, ...)."""
-        return padded.flatten(0, 1)[self.flat_index]
+        """(M, N, T, ...) -> (M, S, ...), zeros (or PAD_ID) at padding."""
+        M = padded.shape[0]
+        flat = padded.reshape((M, self.rows * self.width) + padded.shape[3:])
+        flat = torch.cat([flat, flat.new_zeros((M, 1) + flat.shape[2:])], 1)
+        return gather_rows(flat, self.flat_index)
 
     def unpack(self, data: torch.Tensor) -> torch.Tensor:
-        """(total, ...) -> (N, T, ...), zero at padded steps."""
-        out = data.new_zeros((self.rows * self.width,) + data.shape[1:])
-        return out.index_copy(0, self.flat_index, data).view((self.rows, self.width) + data.shape[1:])
+        """(M, S, ...) -> (M, N, T, ...), zero at padded steps."""
+        M = data.shape[0]
+        out = data.new_zeros((M, self.rows * self.width + 1) + data.shape[2:])
+        rows = torch.arange(M, device=data.device).unsqueeze(1)
+        out = out.index_put((rows, self.flat_index), data)
+        return out[:, :-1].reshape((M, self.rows, self.width) + data.shape[2:])
+
+    def mirror(self, data: torch.Tensor) -> torch.Tensor:
+        """Each row's tokens in reverse order (an involution); padding stays in place."""
+        return gather_rows(data, self.reverse_index)
+
+    def at(self, data: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """data (M, S, E) at per-row positions (M, N) -> (M, N, E), zero for empty rows."""
+        return gather_rows(data, index) * self.nonempty.unsqueeze(-1).to(data.dtype)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -76,9 +120,9 @@ def dropout(x: torch.Tensor, p: float, training: bool, generator: torch.Generato
 
 def packed_lstm(lstm: nn.LSTM, x: torch.Tensor, packing: Packing, state: tuple[torch.Tensor, torch.Tensor] | None = None,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `lstm` (batch_first or not, any layers, uni- or bidirectional) over packed inputs.
+    """Run `lstm` (batch_first or not, any layers, uni- or bidirectional) over packed inputs of one model.
 
-    x (total, input_size) in packing's layout; state (h0, c0), each (layers * directions, N, E) in row
+    x (total, input_size) in the layout of `packing` (of M = 1 model); state (h0, c0), each (layers * directions, N, E) in row
     order, zeros when None. Returns (output (total, directions * E) of the last layer, h_n (layers *
     directions, N, E) in row order), as nn.LSTM would for the same PackedSequence. On the CPU the dropout
     between layers draws from `generator` (else the global one), and `lstm` may be anything with nn.LSTM's
@@ -100,7 +144,7 @@ def lstm_steps(lstm: nn.LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.
 
 def _cudnn_lstm(lstm: nn.LSTM, x, packing: Packing, state):
     batch_sizes = torch.tensor(packing.batch_sizes)
-    packed = PackedSequence(x, batch_sizes, packing.sorted_indices, packing.unsorted_indices)
+    packed = PackedSequence(x, batch_sizes, packing.sorted_indices[0], packing.first_index[0])
     out, (h_n, _) = lstm(packed, state)
     return out.data, h_n
 
@@ -112,7 +156,7 @@ def _cpu_lstm(lstm: nn.LSTM, x, packing: Packing, state, generator: torch.Genera
     if state is None:
         zeros = x.new_zeros(lstm.num_layers * directions, N, E)
         state = (zeros, zeros)
-    h0, c0 = (s[:, packing.sorted_indices] for s in state)                       # sorted order
+    h0, c0 = (s[:, packing.sorted_indices[0]] for s in state)                    # sorted order
     h_n = []
     for layer in range(lstm.num_layers):
         if layer > 0:  # nn.LSTM's dropout: on every layer's output but the last
@@ -127,7 +171,7 @@ def _cpu_lstm(lstm: nn.LSTM, x, packing: Packing, state, generator: torch.Genera
             out = Recurrence.apply(x_proj[None], h0[k][None], c0[k][None], w_hh[None], packing.batch_sizes, bool(d))[0]
             outputs.append(out)
             # The state after each row's last step: at its last token going forward, at its first backward.
-            h_n.append(out[packing.last_index] if d == 0 else out[:N][packing.unsorted_indices])
+            h_n.append(out[packing.last_index[0]] if d == 0 else out[:N][packing.first_index[0]])
         x = torch.cat(outputs, 1) if directions > 1 else outputs[0]
     return x, torch.stack(h_n)
 

@@ -27,9 +27,8 @@ from torch import nn
 
 from pipeline.vocab import EOS_ID, PAD_ID, SOS_ID
 from trainer.batch import EpisodeBatch
-from trainer.lstm import dropout, lstm_steps, packed_lstm
-from trainer.stacked import (StackedPacking, stacked_dropout, stacked_embedding, stacked_linear,
-                             stacked_packed_lstm)
+from trainer.lstm import Packing, dropout, lstm_steps, packed_lstm
+from trainer.stacked import stacked_dropout, stacked_embedding, stacked_linear, stacked_packed_lstm
 
 NUM_SPECIAL_TOKENS = 3  # PAD, SOS, EOS head every vocabulary
 
@@ -219,23 +218,23 @@ class MetaSeq2Seq(nn.Module):
             return embedding(tokens[0]).unsqueeze(0)
         return stacked_embedding(embedding.weight, tokens)
 
-    def _dropout(self, x: torch.Tensor, packing: StackedPacking | None) -> torch.Tensor:
+    def _dropout(self, x: torch.Tensor, packing: Packing | None) -> torch.Tensor:
         """x (M, S, F); a stack draws model m's mask over its valid tokens only, from its own generator."""
         if self.num_models == 1:
             return dropout(x[0], self.cfg.dropout, self.training, self._generator(0)).unsqueeze(0)
         return stacked_dropout(x, self.cfg.dropout, self.training, packing, self.generators)
 
-    def _lstm(self, lstm: nn.LSTM, x: torch.Tensor, packing: StackedPacking,
+    def _lstm(self, lstm: nn.LSTM, x: torch.Tensor, packing: Packing,
               state: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """packed x (M, S, in), state (h0, c0) each (layers * dirs, M, N, E) in row order or None (zeros) ->
         (the last layer's output (M, S, dirs * E), h_n (layers * dirs, M, N, E))."""
         if self.num_models > 1:
             return stacked_packed_lstm(lstm, x, packing, state, self.generators)
         state = None if state is None else tuple(s[:, 0].contiguous() for s in state)
-        out, h_n = packed_lstm(lstm, x[0], packing.single, state, self._generator(0))
+        out, h_n = packed_lstm(lstm, x[0], packing, state, self._generator(0))
         return out.unsqueeze(0), h_n.unsqueeze(1)
 
-    def _seq_encoder(self, encoder: SeqEncoder, tokens: torch.Tensor, packing: StackedPacking):
+    def _seq_encoder(self, encoder: SeqEncoder, tokens: torch.Tensor, packing: Packing):
         """tokens (M, N, T) -> (steps (M, S, E) in packing's layout, final (M, N, E)), forward + backward.
         Only the valid tokens are embedded and run; the backward direction starts at each row's last token."""
         embedded = self._dropout(self._embed(encoder.embedding, packing.pack(tokens)), packing)
@@ -258,7 +257,7 @@ class MetaSeq2Seq(nn.Module):
         B, device = MB // M, batch.query_in.device
         attended = attended_query_steps(batch, self.cfg.mask_query_padding)
         if self.cfg.disable_memory:
-            packing = StackedPacking.from_lengths(batch.query_in_len.reshape(M, B * nq).cpu(), Tqi, device)
+            packing = Packing.from_lengths(batch.query_in_len.reshape(M, B * nq).cpu(), Tqi, device)
             steps, final = self._seq_encoder(self.input_encoder, batch.query_in.reshape(M, B * nq, Tqi), packing)
             return _Encoded(packing.unpack(steps).reshape(MB * nq, Tqi, -1), attended, final, None)
         q_steps, keys, values = self._read_support(batch)
@@ -281,11 +280,11 @@ class MetaSeq2Seq(nn.Module):
                             _right_pad(batch.support_in, T).reshape(M, B * ns, T)], 1)
         lengths = torch.cat([batch.query_in_len.reshape(M, -1), batch.support_in_len.reshape(M, -1),
                              batch.support_out_len.reshape(M, -1)], 1).cpu()  # one transfer
-        packing = StackedPacking.from_lengths(lengths[:, :B * (nq + ns)], T, device)
+        packing = Packing.from_lengths(lengths[:, :B * (nq + ns)], T, device)
         steps, final = self._seq_encoder(self.input_encoder, tokens, packing)
         q_steps = packing.unpack(steps)[:, :B * nq, :Tqi].reshape(MB * nq, Tqi, -1)   # 0 at padded steps
         out_tokens = batch.support_out.reshape(M, B * ns, -1)
-        out_packing = StackedPacking.from_lengths(lengths[:, B * (nq + ns):], out_tokens.shape[2], device)
+        out_packing = Packing.from_lengths(lengths[:, B * (nq + ns):], out_tokens.shape[2], device)
         _, values = self._seq_encoder(self.output_encoder, out_tokens, out_packing)
         return q_steps, final[:, B * nq:].reshape(MB, ns, -1), values.reshape(MB, ns, -1)
 
@@ -295,7 +294,7 @@ class MetaSeq2Seq(nn.Module):
 
     # ---- training -----------------------------------------------------------------------------------------
 
-    def _teacher_forced(self, batch: EpisodeBatch) -> tuple[torch.Tensor, StackedPacking]:
+    def _teacher_forced(self, batch: EpisodeBatch) -> tuple[torch.Tensor, Packing]:
         """Teacher-forced logits (M, S, V_out) of the valid target tokens only, in the layout of the returned
         packing of each model's N = B*nq target rows; the decoder input is SOS + query_out[..., :-1].
 
@@ -305,7 +304,7 @@ class MetaSeq2Seq(nn.Module):
         MB, nq, Tqo = batch.query_out.shape
         enc = self._encode(batch)
         targets = batch.query_out.reshape(M, MB // M * nq, Tqo)
-        packing = StackedPacking.from_lengths(batch.query_out_len.reshape(M, -1).cpu(), Tqo, targets.device)
+        packing = Packing.from_lengths(batch.query_out_len.reshape(M, -1).cpu(), Tqo, targets.device)
         dec_in = torch.cat([torch.full_like(targets[..., :1], SOS_ID), targets[..., :-1]], 2)
         embedded = self._dropout(self._embed(self.dec_embedding, packing.pack(dec_in)), packing)
         h, _ = self._lstm(self.dec_lstm, embedded, packing, self._initial_state(enc))   # (M, S, E)

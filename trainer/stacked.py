@@ -8,117 +8,27 @@ m reads its own episode(s), and one step runs the forward and backward of all M 
 each has its own weights, data order, dropout stream, Adam moments (Adam is element-wise) and gradient clip.
 
 Layout: a stacked batch is an EpisodeBatch of M*B episodes, model-major (episodes m*B .. m*B+B-1 are model
-m's). Packed sequences are (M, S, ...): every model packs its own rows time-major as trainer.lstm.Packing
-does, and all models share one step layout (StackedPacking), padding a model's shorter steps at their end.
-Padded positions hold zeros going in and are never read coming out, so their gradients are exactly zero.
-Empty rows (padded queries or support items, length 0) take no step at all, so each model's valid tokens are
-exactly the tokens, in the order, of a single model given the same episodes: dropout drawn per model over its
-valid tokens draws the very masks that `train --seed m` draws.
+m's). Packed sequences are (M, S, ...) in the layout of trainer.lstm.Packing: every model packs its own rows
+time-major, all models share one step layout, and a model's shorter steps are padded at their end. Padded
+positions hold zeros going in and are never read coming out, so their gradients are exactly zero. Empty rows
+(padded queries or support items, length 0) take no step at all, so each model's valid tokens are exactly the
+tokens, in the order, of a single model given the same episodes: dropout drawn per model over its valid tokens
+draws the very masks that `train --seed m` draws.
 
-A stack of one runs an empty row for one step, as the single model does, and packs exactly as
-trainer.lstm.Packing (StackedPacking.single); trainer/model.py runs it through the single model's modules.
+A stack of one does not come here: trainer/model.py runs it through the single model's modules.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from trainer.lstm import Packing, Recurrence
-
-
-# ---- packing ------------------------------------------------------------------------------------------------
-
-def _gather_rows(data: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """data (M, R, ...), index (M, K) long -> (M, K, ...): data[m, index[m, k]]."""
-    rows = torch.arange(data.shape[0], device=data.device).unsqueeze(1)
-    return data[rows, index]
-
-
-@dataclass
-class StackedPacking:
-    """How the (M, N) rows of width T of M models map to the packed layout (M, S, ...).
-
-    Per model, rows are sorted longest first (stable) and packed time-major, as trainer.lstm.Packing does.
-    All models share one step layout: step t holds n_t = the most rows any model still runs at t; a model
-    with fewer has padding at the end of the step. Rows of length 0 never run."""
-    batch_sizes: list[int]          # n_t, non-increasing
-    sorted_indices: torch.Tensor    # (M, N) row at each slot of a step
-    flat_index: torch.Tensor        # (M, S) packed position -> row * T + t, or N * T (a zero slot) for padding
-    valid: torch.Tensor             # (M, S) bool
-    last_index: torch.Tensor        # (M, N) packed position of each row's last token (0 for an empty row)
-    first_index: torch.Tensor       # (M, N) packed position of each row's first token
-    nonempty: torch.Tensor          # (M, N) bool
-    reverse_index: torch.Tensor     # (M, S) position of the same row's mirrored step (t -> length - 1 - t)
-    dropout_index: torch.Tensor     # (total valid,) m * S + s of each valid token, model-major, s ascending
-    valid_counts: list[int]         # valid tokens per model
-    rows: int
-    width: int
-    single: Packing | None = None   # M = 1: the same layout as trainer.lstm.Packing
-
-    @classmethod
-    def from_lengths(cls, lengths: torch.Tensor, width: int, device) -> "StackedPacking":
-        """lengths (M, N) >= 0 on the CPU (the index arithmetic stays on the host). A stack of one runs an
-        empty row for one step, as the single model does, so that it packs exactly as trainer.lstm.Packing."""
-        lengths = lengths.to(torch.long).clamp(min=1 if lengths.shape[0] == 1 else 0)
-        M, N = lengths.shape
-        sorted_lengths, sorted_indices = torch.sort(lengths, dim=1, descending=True, stable=True)
-        per_model = (torch.arange(width).view(1, -1, 1) < sorted_lengths.unsqueeze(1)).sum(2)   # (M, T)
-        sizes = per_model.amax(0)
-        steps = int((sizes > 0).sum())
-        sizes, per_model = sizes[:steps], per_model[:, :steps]
-        offsets = torch.cumsum(sizes, 0) - sizes
-        step_of = torch.repeat_interleave(torch.arange(steps), sizes)                            # (S,)
-        slot_of = torch.arange(len(step_of)) - offsets[step_of]
-        valid = slot_of.unsqueeze(0) < per_model[:, step_of]                                     # (M, S)
-        row = sorted_indices.gather(1, slot_of.expand(M, -1).clamp(max=N - 1))
-        flat_index = torch.where(valid, row * width + step_of, N * width)
-        unsorted = torch.empty_like(sorted_indices)
-        unsorted.scatter_(1, sorted_indices, torch.arange(N).expand(M, -1).contiguous())
-        last_step = (lengths - 1).clamp(min=0, max=max(steps - 1, 0))
-        last_index = offsets[last_step] + unsorted if steps else torch.zeros_like(lengths)
-        row_length = lengths.gather(1, row)
-        mirror = offsets[(row_length - 1 - step_of).clamp(min=0, max=max(steps - 1, 0))] + slot_of
-        reverse_index = torch.where(valid, mirror, torch.arange(len(step_of)))
-        model_of, position = valid.nonzero(as_tuple=True)
-        to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        single = Packing.from_lengths(lengths[0], width, device) if M == 1 else None
-        return cls([int(n) for n in sizes], to(sorted_indices), to(flat_index), to(valid), to(last_index),
-                   to(unsorted), to(lengths > 0), to(reverse_index), to(model_of * len(step_of) + position),
-                   valid.sum(1).tolist(), N, width, single)
-
-    @property
-    def size(self) -> int:
-        return self.flat_index.shape[1]
-
-    def pack(self, padded: torch.Tensor) -> torch.Tensor:
-        """(M, N, T, ...) -> (M, S, ...), zeros (or PAD_ID) at padding."""
-        M = padded.shape[0]
-        flat = padded.reshape((M, self.rows * self.width) + padded.shape[3:])
-        flat = torch.cat([flat, flat.new_zeros((M, 1) + flat.shape[2:])], 1)
-        return _gather_rows(flat, self.flat_index)
-
-    def unpack(self, data: torch.Tensor) -> torch.Tensor:
-        """(M, S, ...) -> (M, N, T, ...), zero at padded steps."""
-        M = data.shape[0]
-        out = data.new_zeros((M, self.rows * self.width + 1) + data.shape[2:])
-        rows = torch.arange(M, device=data.device).unsqueeze(1)
-        out = out.index_put((rows, self.flat_index), data)
-        return out[:, :-1].reshape((M, self.rows, self.width) + data.shape[2:])
-
-    def mirror(self, data: torch.Tensor) -> torch.Tensor:
-        """Each row's tokens in reverse order (an involution); padding stays in place."""
-        return _gather_rows(data, self.reverse_index)
-
-    def at(self, data: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """data (M, S, E) at per-row positions (M, N) -> (M, N, E), zero for empty rows."""
-        return _gather_rows(data, index) * self.nonempty.unsqueeze(-1).to(data.dtype)
+from trainer.lstm import Packing, Recurrence, gather_rows
 
 
 # ---- dropout with one stream per model ------------------------------------------------------------------------
 
-def stacked_dropout(x: torch.Tensor, p: float, training: bool, packing: StackedPacking | None,
+def stacked_dropout(x: torch.Tensor, p: float, training: bool, packing: Packing | None,
                     generators: list[torch.Generator] | None) -> torch.Tensor:
     """Dropout on packed x (M, S, F). With generators, model m's keep mask is drawn from its own generator over
     its valid tokens only, in packed order: the draws of trainer.lstm.dropout on a single model's packed
@@ -165,10 +75,10 @@ def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
 def stacked_embedding(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """weight (M, V, E), tokens (M, ...) -> (M, ..., E)."""
     M = weight.shape[0]
-    return _gather_rows(weight, tokens.reshape(M, -1)).view(tokens.shape + (weight.shape[2],))
+    return gather_rows(weight, tokens.reshape(M, -1)).view(tokens.shape + (weight.shape[2],))
 
 
-def stacked_packed_lstm(lstm: nn.LSTM, x: torch.Tensor, packing: StackedPacking,
+def stacked_packed_lstm(lstm: nn.LSTM, x: torch.Tensor, packing: Packing,
                         state: tuple[torch.Tensor, torch.Tensor] | None = None,
                         generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`lstm`, whose weights carry a leading model dimension M, over each model's packed x (M, S, in). state
