@@ -8,9 +8,8 @@ Two settings, both read by the OpenMP runtime when torch loads, so `apply()` mus
   OMP_NUM_THREADS and MKL_NUM_THREADS, so child processes (the DataLoader workers, and the training jobs
   that `reproduce` starts with their own --threads) inherit it.
 - waiting: idle OpenMP threads spin GOMP_SPINCOUNT=1000 rounds before they sleep, not libgomp's 300,000.
-  On a shared CPU the long spin takes the cores from the threads doing the work: ME training beside one busy
-  process ran 0.8 episodes/s with it and 16 without it (docs/benchmarks.md has the measurements,
-  from benchmarks/threads.py). Left alone when the user sets GOMP_SPINCOUNT or OMP_WAIT_POLICY.
+  On a shared CPU the long spin takes the cores from the threads doing the work (docs/benchmarks.md has the
+  measurements, from benchmarks/threads.py). Left alone when the user sets GOMP_SPINCOUNT or OMP_WAIT_POLICY.
 
 When the user sets none of these, the policy adapts to the load (`adaptive`): it samples /proc/stat for a
 quarter of a second and counts the cores that other processes keep busy. On a quiet machine it takes every

@@ -89,6 +89,8 @@ class Packing:
         """(M, N, T, ...) -> (M, S, ...), zeros (or PAD_ID) at padding."""
         M = padded.shape[0]
         flat = padded.reshape((M, self.rows * self.width) + padded.shape[3:])
+        if M == 1:  # one model has no padding
+            return flat[0][self.flat_index[0]].unsqueeze(0)
         flat = torch.cat([flat, flat.new_zeros((M, 1) + flat.shape[2:])], 1)
         return gather_rows(flat, self.flat_index)
 
@@ -168,7 +170,7 @@ def _cpu_lstm(lstm: nn.LSTM, x, packing: Packing, state, generator: torch.Genera
             w_ih, w_hh = getattr(lstm, "weight_ih" + sfx), getattr(lstm, "weight_hh" + sfx)
             b_ih, b_hh = getattr(lstm, "bias_ih" + sfx), getattr(lstm, "bias_hh" + sfx)
             x_proj = F.linear(x, w_ih, b_ih + b_hh)                           # (total, 4E)
-            out = Recurrence.apply(x_proj[None], h0[k][None], c0[k][None], w_hh[None], packing.batch_sizes, bool(d))[0]
+            out = Recurrence.apply(x_proj, h0[k], c0[k], w_hh, packing.batch_sizes, bool(d))
             outputs.append(out)
             # The state after each row's last step: at its last token going forward, at its first backward.
             h_n.append(out[packing.last_index[0]] if d == 0 else out[:N][packing.first_index[0]])
@@ -234,26 +236,22 @@ def cell_update_(gates: torch.Tensor, c_prev: torch.Tensor, c: torch.Tensor, tan
 
 
 def _recurrent_product(x: torch.Tensor, h: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor, mm_dtype) -> None:
-    """out = x + h @ w_t for each model: x, out (M, n, 4E), h (M, n, E), w_t (M, E, 4E). One model takes the 2-D
-    product, a stack the batched one; under autocast the product runs in mm_dtype."""
+    """out = x + h @ w_t: x, out ([M,] n, 4E), h ([M,] n, E), w_t ([M,] E, 4E); under autocast the product runs
+    in mm_dtype."""
     if mm_dtype != out.dtype:
         torch.add(x, torch.matmul(h.to(mm_dtype), w_t), out=out)
-    elif x.shape[0] == 1:
-        torch.addmm(x[0], h[0], w_t[0], out=out[0])
+    elif x.dim() == 2:
+        torch.addmm(x, h, w_t, out=out)
     else:
         torch.baddbmm(x, h, w_t, out=out)
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(M, n, k) @ (M, k, p): the 2-D product for one model, as the single model computes it."""
-    return (a[0] @ b[0]).unsqueeze(0) if a.shape[0] == 1 else torch.bmm(a, b)
-
-
 class Recurrence(torch.autograd.Function):
-    """One direction of one LSTM layer of M models over packed steps, given the input projections.
+    """One direction of one LSTM layer over packed steps, given the input projections: of one model, or of M
+    models at once (every tensor then has a leading model dimension M).
 
-    x_proj (M, S, 4E): the gates (i, f, g, o), nn.LSTM's order, without the recurrent term; h0, c0 (M, N, E)
-    in sorted order; w_hh (M, 4E, E). Returns h (M, S, E). States and gates are float32 (or float64); under
+    x_proj ([M,] S, 4E): the gates (i, f, g, o), nn.LSTM's order, without the recurrent term; h0, c0 ([M,] N, E)
+    in sorted order; w_hh ([M,] 4E, E). Returns h ([M,] S, E). States and gates are float32 (or float64); under
     autocast the products with W_hh run in its low precision, as autocast runs nn.LSTM's. A stack of models
     shares one step layout, padded at the end of a model's shorter steps, and runs forward only (its backward
     direction is the forward one over mirrored rows). Per-step views come from one `split` per tensor: slicing
@@ -268,18 +266,18 @@ class Recurrence(torch.autograd.Function):
             x_proj, h0, c0, w_hh = (t.to(dtype) for t in (x_proj, h0, c0, w_hh))
             mm_dtype = mm_dtype or dtype
             gates = torch.empty_like(x_proj)                                  # activated (i, f, g, o)
-            c_all = x_proj.new_empty(x_proj.shape[:2] + h0.shape[2:])
+            c_all = x_proj.new_empty(x_proj.shape[:-1] + h0.shape[-1:])
             h_all, tanh_c = torch.empty_like(c_all), torch.empty_like(c_all)
-            xs, gs, cs, hs, tcs = (t.split(batch_sizes, 1) for t in (x_proj, gates, c_all, h_all, tanh_c))
-            w_t = w_hh.transpose(1, 2).to(mm_dtype)
-            w_t = w_t if w_t.shape[0] == 1 else w_t.contiguous()
-            h_prev, c_prev = h0[:, :0], c0[:, :0]
+            xs, gs, cs, hs, tcs = (t.split(batch_sizes, -2) for t in (x_proj, gates, c_all, h_all, tanh_c))
+            w_t = w_hh.transpose(-1, -2).to(mm_dtype)
+            w_t = w_t.contiguous() if w_t.dim() == 3 else w_t
+            h_prev, c_prev = h0.narrow(-2, 0, 0), c0.narrow(-2, 0, 0)
             for t, n, m in _schedule(batch_sizes, reverse):
                 if m < n:  # rows m..n start here, from h0, c0
-                    h_prev = torch.cat([h_prev[:, :m], h0[:, m:n]], 1)
-                    c_prev = torch.cat([c_prev[:, :m], c0[:, m:n]], 1)
-                _recurrent_product(xs[t], h_prev[:, :n], w_t, gs[t], mm_dtype)
-                cell_update_(gs[t], c_prev[:, :n], cs[t], tcs[t], hs[t])
+                    h_prev = torch.cat([h_prev.narrow(-2, 0, m), h0.narrow(-2, m, n - m)], -2)
+                    c_prev = torch.cat([c_prev.narrow(-2, 0, m), c0.narrow(-2, m, n - m)], -2)
+                _recurrent_product(xs[t], h_prev.narrow(-2, 0, n), w_t, gs[t], mm_dtype)
+                cell_update_(gs[t], c_prev.narrow(-2, 0, n), cs[t], tcs[t], hs[t])
                 h_prev, c_prev = hs[t], cs[t]
         ctx.batch_sizes, ctx.reverse, ctx.mm_dtype = batch_sizes, reverse, mm_dtype
         ctx.save_for_backward(gates, c_all, tanh_c, h_all, h0, c0, w_hh)
@@ -291,42 +289,44 @@ class Recurrence(torch.autograd.Function):
         with _no_autocast(grad_h.device.type):
             grad_h = grad_h.to(h_all.dtype).contiguous()
             prev_index = _prev_index(ctx.batch_sizes, ctx.reverse).to(h0.device)
-            h_prev = torch.cat([h_all, h0], 1)[:, prev_index]                # (M, S, E)
-            c_prev = torch.cat([c_all, c0], 1)[:, prev_index]
-            i, f, g, o = gates.split(h_all.shape[2], 2)
+            h_prev = torch.cat([h_all, h0], -2).index_select(-2, prev_index)   # ([M,] S, E)
+            c_prev = torch.cat([c_all, c0], -2).index_select(-2, prev_index)
+            i, f, g, o = gates.split(h_all.shape[-1], -1)
             # Everything that does not depend on the recurrence, for all tokens at once.
             per_dh = (o * (1 - tanh_c * tanh_c), tanh_c * o * (1 - o))     # dc += dh * this; d(o) = dh * this
-            difg_per_dc = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 2)  # (M, S, 3, E)
+            difg_per_dc = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], -2)  # (.., S, 3, E)
             grad_gates, grad_h0, grad_c0 = _backward_steps(ctx, grad_h, f, per_dh, difg_per_dc, w_hh, h0, c0)
             w_mm = w_hh.to(ctx.mm_dtype)
-            grad_w_hh = _matmul(grad_gates.transpose(1, 2).to(w_mm.dtype), h_prev.to(w_mm.dtype))  # (M, 4E, E)
+            grad_w_hh = grad_gates.transpose(-1, -2).to(w_mm.dtype) @ h_prev.to(w_mm.dtype)   # ([M,] 4E, E)
         return grad_gates, grad_h0, grad_c0, grad_w_hh, None, None
 
 
 def _backward_steps(ctx, grad_h, f, per_dh, difg_per_dc, w_hh, h0, c0):
-    """The recurrence backward, step by step: the gradients of the pre-activation gates (M, S, 4E), h0 and c0."""
+    """The recurrence backward, step by step: the gradients of the pre-activation gates ([M,] S, 4E), h0, c0."""
     batch_sizes, w_mm = ctx.batch_sizes, w_hh.to(ctx.mm_dtype)
-    M, S, E = grad_h.shape
-    grad_gates = torch.empty(M, S, 4, E, dtype=grad_h.dtype, device=grad_h.device)
+    E = grad_h.shape[-1]
+    grad_gates = grad_h.new_empty(grad_h.shape[:-1] + (4, E))
     grad_h0, grad_c0 = torch.zeros_like(h0), torch.zeros_like(c0)
-    dhs, dgs, fs, dc_dhs, do_dhs, difg_dcs = (t.split(batch_sizes, 1) for t in (grad_h, grad_gates, f, *per_dh,
-                                                                                   difg_per_dc))
+    dhs, fs, dc_dhs, do_dhs = (t.split(batch_sizes, -2) for t in (grad_h, f, *per_dh))
+    dgs, difg_dcs = (t.split(batch_sizes, -3) for t in (grad_gates, difg_per_dc))        # ([M,] n, 4 or 3, E)
     carry_h = carry_c = None                                                 # into the step that ran before
     for t, n, m in reversed(_schedule(batch_sizes, ctx.reverse)):
         dh = dhs[t]
         if carry_h is None:
             dc = dh * dc_dhs[t]
         else:
-            if carry_h.shape[1] < n:
-                carry_h, carry_c = (F.pad(x, (0, 0, 0, n - x.shape[1])) for x in (carry_h, carry_c))
+            if carry_h.shape[-2] < n:
+                carry_h, carry_c = (F.pad(x, (0, 0, 0, n - x.shape[-2])) for x in (carry_h, carry_c))
             dh = dh + carry_h
             dc = torch.addcmul(carry_c, dh, dc_dhs[t])
-        dg = dgs[t]                                                           # (M, n, 4, E)
-        torch.mul(dc.unsqueeze(2), difg_dcs[t], out=dg[:, :, :3])
-        torch.mul(dh, do_dhs[t], out=dg[:, :, 3])
-        d_prev_h, d_prev_c = _matmul(dg.view(M, n, 4 * E).to(w_mm.dtype), w_mm).to(dc.dtype), dc * fs[t]
+        dg = dgs[t]                                                           # ([M,] n, 4, E)
+        torch.mul(dc.unsqueeze(-2), difg_dcs[t], out=dg[..., :3, :])
+        torch.mul(dh, do_dhs[t], out=dg[..., 3, :])
+        d_prev_h = (dg.flatten(-2).to(w_mm.dtype) @ w_mm).to(dc.dtype)
+        d_prev_c = dc * fs[t]
         if m < n:  # rows m..n started from h0, c0
-            grad_h0[:, m:n], grad_c0[:, m:n] = d_prev_h[:, m:], d_prev_c[:, m:]
-            d_prev_h, d_prev_c = d_prev_h[:, :m], d_prev_c[:, :m]
+            grad_h0.narrow(-2, m, n - m).copy_(d_prev_h.narrow(-2, m, n - m))
+            grad_c0.narrow(-2, m, n - m).copy_(d_prev_c.narrow(-2, m, n - m))
+            d_prev_h, d_prev_c = d_prev_h.narrow(-2, 0, m), d_prev_c.narrow(-2, 0, m)
         carry_h, carry_c = d_prev_h, d_prev_c
-    return grad_gates.view(M, S, 4 * E), grad_h0, grad_c0
+    return grad_gates.flatten(-2), grad_h0, grad_c0
