@@ -74,6 +74,7 @@ def test_outputs_from_stdin_are_evals_predictions(checkpoint, eval_predictions):
     assert len(set(eval_predictions)) > len(PAIRS) // 2  # outputs differ by command: a mix-up would show
 
 
+@pytest.mark.slow
 def test_blank_input_lines_give_empty_output_lines(checkpoint, tmp_path):
     """The output lines up with a file of commands (paste): a blank line (or one of spaces) in, an empty line out."""
     commands = tmp_path / "commands.txt"
@@ -159,6 +160,7 @@ def test_attention_as_text(checkpoint, tmp_path):
         assert line.split() == [f"{token}:", *[x for w, v in zip(words, weights) for x in (w, f"{float(v):.2f}")]]
 
 
+@pytest.mark.slow
 def test_attention_is_that_of_the_printed_output_among_longer_commands(checkpoint):
     # Where the decoder attention covers padded query steps, a command's output depends on the longest command
     # beside it: the attention shown must come from the decoding that wrote the printed output.

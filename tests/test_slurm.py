@@ -148,9 +148,11 @@ def test_a_killed_job_is_resumed_by_the_same_command(tmp_path):
 
 @pytest.mark.parametrize("args, cluster, message", [
     (["--partition", "gpu"], "local", "--partition is an option of --launcher slurm"),
-    (["--launcher", "slurm", "--time", "0"], "local", "--time and --cpus_per_job must be at least 1"),
-    (["--launcher", "slurm", "--gpus_per_job", "-1"], "local", "--gpus_per_job at least 0"),
-    (["--launcher", "slurm", "--slurm_extra", "constraint"], "local", "--slurm_extra takes KEY=VALUE"),
+    pytest.param(["--launcher", "slurm", "--time", "0"], "local", "--time and --cpus_per_job must be at least 1",
+                 marks=pytest.mark.slow),
+    pytest.param(["--launcher", "slurm", "--gpus_per_job", "-1"], "local", "--gpus_per_job at least 0", marks=pytest.mark.slow),
+    pytest.param(["--launcher", "slurm", "--slurm_extra", "constraint"], "local", "--slurm_extra takes KEY=VALUE",
+                 marks=pytest.mark.slow),
     (["--launcher", "slurm"], None, "sbatch, which is not on the PATH"),
 ])
 def test_bad_slurm_options_are_one_line_before_any_work(tmp_path, args, cluster, message):

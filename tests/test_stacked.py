@@ -237,9 +237,9 @@ def test_stack_checkpoints_evaluate_resume_and_continue_as_single_runs(me_store,
 
 @pytest.mark.parametrize("args, message", [
     (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
-    (["--seeds", "1,1"], "lists a seed twice"),
-    (["--seeds", "0,1", "--workers", "2"], "use 0 or 1"),
-    (["--seeds", "0,1", "--compile"], "leave out --amp and --compile"),
+    pytest.param(["--seeds", "1,1"], "lists a seed twice", marks=pytest.mark.slow),
+    pytest.param(["--seeds", "0,1", "--workers", "2"], "use 0 or 1", marks=pytest.mark.slow),
+    pytest.param(["--seeds", "0,1", "--compile"], "leave out --amp and --compile", marks=pytest.mark.slow),
 ])
 def test_stack_bad_input_is_one_line(me_store, tmp_path, args, message):
     result = run_cli("train", "--store", str(me_store), "--dir_model", str(tmp_path / "m"), "--num_episodes", "4",

@@ -121,6 +121,7 @@ def test_a_new_run_in_the_same_folder_leaves_no_old_events(store, tmp_path):
     assert [step for step, _ in scalars_as_tensorboard_shows_them(log_dir)["train/loss"]] == [8, 16]
 
 
+@pytest.mark.slow
 def test_training_runs_without_tensorboard(store, tmp_path):
     # A Python where `import tensorboard` fails, as where the package is not installed.
     script = (f"import sys; sys.modules['tensorboard'] = None; sys.path.insert(0, {str(ROOT)!r}); "
@@ -132,6 +133,7 @@ def test_training_runs_without_tensorboard(store, tmp_path):
     assert [r["episodes"] for r in jsonl_rows(tmp_path)] == [8, 16] and not (tmp_path / "tb").exists()
 
 
+@pytest.mark.slow
 def test_a_stack_writes_each_seed_its_own_tensorboard_run(store, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--store", str(store), "--seeds", "0,1",
                              "--dir_model", str(tmp_path), "--num_episodes", "16", "--emb_size", "16", "--nlayers",

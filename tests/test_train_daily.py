@@ -104,6 +104,7 @@ print(json.dumps({"nn_lstm": nn_lstm, "probe": cpu_bf16_problem()}))
 """
 
 
+@pytest.mark.slow
 def test_the_bf16_probe_trains_the_models_own_path():
     # oneDNN limited to AVX2 stands in for an AVX2-only CPU (the one of the refusal): there a bf16 nn.LSTM
     # fails, and the probe, which runs what CPU training runs (trainer/lstm.py's recurrence), must not.
@@ -388,6 +389,7 @@ def test_each_decay_starts_adam_again_unless_keep_adam_at_decay(store, tmp_path)
 
 # ---- 10. one train per checkpoint; a failed train leaves nothing; advice that rebuilds the store; --gpu ------
 
+@pytest.mark.slow
 def test_a_second_train_on_the_same_checkpoint_fails_at_once_in_one_line(store, tmp_path, capsys):
     args = ["--store", str(store), "--dir_model", str(tmp_path), "--num_episodes", "400", *CLI_TINY]
     args[args.index("--batch_size") + 1] = "1"  # a long run: 400 steps
