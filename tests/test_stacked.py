@@ -106,24 +106,6 @@ def test_each_model_is_clipped_on_its_own_norm():
             torch.testing.assert_close(stacked_grads(stack)[k][m], p.grad, rtol=1e-5, atol=1e-12)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_a_stack_of_one_is_its_single_model_bit_for_bit(variant):
-    """In float32 with dropout on, two episodes of different sizes (padded queries and support items): the loss,
-    every gradient and the clipped norm of a stack of one equal the single model's exactly, given a generator in
-    the global generator's state (a single run draws its dropout masks from that)."""
-    torch.manual_seed(3)
-    model = MetaSeq2Seq(ModelConfig(V_IN, V_OUT, emb_size=24, dropout=0.5, **VARIANTS[variant])).train()
-    stack = stack_models([model]).train()
-    batch = batch_of(random_episodes(8, SIZES[:2]))
-    stack.generators = [torch.Generator().manual_seed(11)]
-    stack.loss(batch).sum().backward()
-    torch.manual_seed(11)
-    model.loss(batch).backward()
-    assert torch.equal(clip_grad_norms_(stack, 0.5)[0], torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5))
-    for k, (name, p) in enumerate(model.named_parameters()):
-        assert torch.equal(stacked_grads(stack)[k][0], p.grad), name
-
-
 def test_model_state_dicts_are_single_checkpoint_weights():
     models = single_models(2)
     stack = stack_models(models)
