@@ -56,9 +56,8 @@ class Run:
 
 def loop(run: Run, batches: Iterator) -> None:
     """Train from `batches` ((keys, batch, offset in its loader batch), as resumed_batches gives; a stack's keys
-    are each model's)
-    until --num_episodes, --stop_after, the end of the data, or SIGINT / SIGTERM (then save and raise
-    TrainingInterrupted)."""
+    are each model's) until --num_episodes, --stop_after, the end of the data, or SIGINT / SIGTERM (then save
+    and raise TrainingInterrupted)."""
     cfg, state = run.cfg, run.state
     target = min(cfg.num_episodes, cfg.stop_after or cfg.num_episodes)
     bar = tqdm(total=cfg.num_episodes, initial=state.episodes_done, unit="ep", dynamic_ncols=True,
@@ -136,9 +135,10 @@ def record(run: Run, steps: list, rate: float, bar) -> None:
 def save(run: Run) -> int:
     """Rank 0 writes each member's checkpoint (atomically) and redraws its curve; returns the episode count saved."""
     if run.ctx.is_main:
+        optimizer_state = run.state.optimizer.state_dict()  # once per save: each member takes its slice
         for m, member in enumerate(run.members):
             if member.state is not run.state:
-                sync_member(member, m, run.state)
+                sync_member(member, m, run.state, optimizer_state)
             payload = checkpoint_payload(member.state, member.session)
             if member.generator is not None:  # a stack's model draws its dropout from its own generator
                 on_cuda = member.session.device.type == "cuda"
@@ -149,10 +149,10 @@ def save(run: Run) -> int:
     return run.state.episodes_done
 
 
-def sync_member(member: Member, m: int, stack: TrainState) -> None:
-    """Copy model m's slice of the stack (weights, Adam moments, schedule, position) into its single state."""
+def sync_member(member: Member, m: int, stack: TrainState, full: dict) -> None:
+    """Copy model m's slice of the stack (weights, Adam moments `full`, schedule, position) into its single state."""
     member.state.model.load_state_dict(stack.model.model_state_dict(m))
-    full, M = stack.optimizer.state_dict(), stack.model.num_models
+    M = stack.model.num_models
     sliced = {k: {"step": v["step"].clone(), **{name: model_slice(v[name], m, M).clone()
                                                  for name in ("exp_avg", "exp_avg_sq")}}
               for k, v in full["state"].items()}
