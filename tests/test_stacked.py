@@ -139,10 +139,11 @@ def losses(metrics: Path, key: str = "loss") -> list[float]:
 
 def test_initial_weights_are_bitwise_those_of_train_seed(me_store, tmp_path):
     from trainer.config import TrainConfig
-    from trainer.train_stack import build_member, member_config
+    from trainer import distributed
+    from trainer.train import build_member, member_config
     cfg = TrainConfig(episode_type="ME", store=str(me_store), seeds=(4, 9), emb_size=16, dir_model=str(tmp_path))
     for seed in (4, 9):
-        member = build_member(member_config(cfg, seed), torch.device("cpu"), resume=False)
+        member = build_member(member_config(cfg, seed), distributed.DistContext(), torch.device("cpu"), own_generator=True)
         stack = stack_models([member.state.model])
         torch.manual_seed(seed)
         reference = MetaSeq2Seq(member.state.model.cfg)

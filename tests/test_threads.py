@@ -134,12 +134,18 @@ def test_free_cores_and_the_adaptive_env():
 
 
 def test_others_busy_sees_a_busy_process_and_not_this_one():
-    own = threads.others_busy_cores(0.5)  # this process sleeps; whatever else runs on the machine counts
-    with competing_job(30):
-        time.sleep(0.3)
-        with_spinner = threads.others_busy_cores(1.0)
-    assert with_spinner >= 0.6, with_spinner                     # the busy loop takes (most of) a core
-    assert with_spinner >= min(own + 0.5, len(threads._cpus())) - 0.4
+    """A busy loop in another process counts, this (sleeping) process does not. The rest of the machine (a
+    pytest-xdist neighbour, say) may change between the two windows, so up to three tries must see the loop."""
+    seen = []
+    for _ in range(3):
+        own = threads.others_busy_cores(0.5)  # this process sleeps; whatever else runs on the machine counts
+        with competing_job(30):
+            time.sleep(0.3)
+            with_spinner = threads.others_busy_cores(1.0)
+        seen.append((own, with_spinner))
+        if with_spinner >= 0.6 and with_spinner >= min(own + 0.5, len(threads._cpus())) - 0.4:
+            return
+    raise AssertionError(f"(before, with a busy loop) in three tries: {seen}")
 
 
 def test_a_resumed_run_keeps_the_count_it_was_trained_with_unless_the_user_fixed_one(monkeypatch):

@@ -37,7 +37,7 @@ from trainer.config import PAPER_LR, TrainConfig
 from trainer.data import Tokenizer
 from trainer.distributed import DistContext
 from trainer.model import MetaSeq2Seq, ModelConfig
-from trainer.state import Session, build_state, checkpoint_payload
+from trainer.state import Session, build_state, checkpoint_payload, model_config
 
 # The payload key of the validation episodes that an original checkpoint carries inside it, as our records.
 VALIDATION_RECORDS = "validation_records"
@@ -220,12 +220,6 @@ def train_config(raw: dict, **where) -> TrainConfig:
         mask_query_padding=False, pad_in_softmax=False, keep_adam_at_decay=False, **where)
 
 
-def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
-    return ModelConfig(len(tokenizer.input_vocab), len(tokenizer.output_vocab), emb_size=cfg.emb_size,
-                       nlayers=cfg.nlayers, dropout=cfg.dropout, disable_memory=cfg.disable_memory,
-                       disable_attention=cfg.disable_attention, mask_query_padding=False, pad_in_softmax=False)
-
-
 def original_tokenizer(raw: dict) -> Tokenizer:
     """The original's vocabularies in its own order, after our three special tokens."""
     try:
@@ -304,7 +298,7 @@ def original_payload(path: Path) -> dict:
     path = Path(path)
     raw = read_original(path)
     tokenizer, cfg = original_tokenizer(raw), train_config(raw)
-    model_cfg = model_config(cfg, tokenizer)
+    model_cfg = model_config(cfg, {"input_vocab": tokenizer.input_vocab, "output_vocab": tokenizer.output_vocab})
     return {"episode_type": cfg.episode_type, "model_config": model_cfg.to_dict(), "train_config": asdict(cfg),
             "model": original_state(raw, model_cfg, tokenizer, path), "input_vocab": list(tokenizer.input_vocab),
             "output_vocab": list(tokenizer.output_vocab), "episodes_done": raw.get("episode"), "store": None,
@@ -369,7 +363,7 @@ def converted_payload(raw: dict, cfg: TrainConfig, manifest: dict, manifest_hash
     tokenizer = Tokenizer(tuple(manifest["input_vocab"]), tuple(manifest["output_vocab"]))
     episodes = int(raw.get("episode") or 0)
     state = build_state(cfg, manifest, torch.device("cpu"), episodes_done=episodes)
-    state.model.load_state_dict(original_state(raw, model_config(cfg, tokenizer), tokenizer, source))
+    state.model.load_state_dict(original_state(raw, state.model.cfg, tokenizer, source))
     state.steps = state.batches = episodes  # one episode per step; a store is read on from that episode
     session = Session(cfg, DistContext(), torch.device("cpu"), manifest, manifest_hash,
                       {**provenance.collect("cpu"), "original_checkpoint": original_source(raw, source)})
