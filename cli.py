@@ -277,7 +277,7 @@ def predict(commands: tuple[str, ...], **kwargs) -> None:
 def convert(**kwargs) -> None:
     """Turn the original code's checkpoint (net_T.tar) into ours (.pt): its weights, settings, vocabularies and
     validation episodes, to evaluate, predict with, and (with --store) resume or extend with train --resume."""
-    from trainer.original_checkpoint import ConvertConfig, convert as run_convert  # here: it loads torch
+    from evalsuite.original_checkpoint import ConvertConfig, convert as run_convert  # here: it loads torch
     click.echo(f"checkpoint: {run_convert(ConvertConfig(**kwargs))}")
 
 

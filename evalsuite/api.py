@@ -17,7 +17,7 @@ from evalsuite.decode import decode_shared_support, query_attention
 from evalsuite.evaluate import EvalConfig, Loaded, evaluate as evaluate_checkpoint, load_model
 from pipeline.store import GenerateConfig, generate as generate_store
 from trainer.config import TrainConfig
-from trainer.original_checkpoint import load_any_checkpoint
+from evalsuite.original_checkpoint import load_any_checkpoint
 from trainer.train import train as train_run
 
 __all__ = ["Loaded", "Prediction", "GenerateConfig", "TrainConfig", "load", "predict", "evaluate", "train",

@@ -24,7 +24,7 @@ from trainer.device import resolve_device
 from trainer.evaluate import decode_records, episode_queries
 from trainer.metrics import QueryResult, score_episodes, score_queries
 from trainer.model import MetaSeq2Seq, ModelConfig
-from trainer.original_checkpoint import VALIDATION_RECORDS, load_any_checkpoint
+from evalsuite.original_checkpoint import VALIDATION_RECORDS, load_any_checkpoint
 from trainer.precision import use_exact_fp32
 
 

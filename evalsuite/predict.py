@@ -16,7 +16,7 @@ from evalsuite.evaluate import load_model
 from evalsuite.splits import check_support, parse_support, read_scan_file
 from pipeline.errors import UserError
 from pipeline.vocab import EOS
-from trainer.original_checkpoint import load_any_checkpoint
+from evalsuite.original_checkpoint import load_any_checkpoint
 
 
 @dataclass

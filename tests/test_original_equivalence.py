@@ -7,7 +7,7 @@ functions: `build_sample` builds an episode with the support items appended as q
 lr is 0, so nothing moves), and `evaluate` decodes greedily for max_length steps. Both models are built
 with dropout 0 (the original's `train` switches to train mode; with p = 0 that is eval mode), the
 original's weights are copied into ours by the product's own name and vocabulary mapping
-(trainer/original_checkpoint.py, which reads the original's checkpoints), and we run all the episodes of a
+(evalsuite/original_checkpoint.py, which reads the original's checkpoints), and we run all the episodes of a
 test as one padded batch while the original runs them one at a time.
 
 1. Queries of equal input length within each episode (the original then pads no query step): the loss,
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pipeline.vocab import build_vocab
 from trainer.data import Tokenizer, collate_episodes
 from trainer.model import MetaSeq2Seq, ModelConfig, strip_decoded
-from trainer.original_checkpoint import VocabMap, copy_original_weights as product_copy, original_named
+from evalsuite.original_checkpoint import VocabMap, copy_original_weights as product_copy, original_named
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from references import load_original_train, original_dir, original_missing  # noqa: E402
@@ -88,7 +88,7 @@ def original_sizes() -> tuple[int, int]:
     return len(TOKENIZER.input_vocab) - 1, len(TOKENIZER.output_vocab) - 1
 
 
-# The mapping under test is the product's (trainer/original_checkpoint.py), the one that reads the original's
+# The mapping under test is the product's (evalsuite/original_checkpoint.py), the one that reads the original's
 # checkpoints: module names (original_named) and token rows (VocabMap, ours_of_original).
 VOCAB = VocabMap.between(original_symbols(TOKENIZER.input_vocab), original_symbols(TOKENIZER.output_vocab), TOKENIZER)
 
