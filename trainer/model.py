@@ -196,11 +196,6 @@ class MetaSeq2Seq(nn.Module):
         """Model m's weights under the single model's names and shapes: an ordinary checkpoint's "model"."""
         return {name: model_slice(p, m, self.num_models).detach().clone() for name, p in self.state_dict().items()}
 
-    def load_model_state_dict(self, m: int, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                model_slice(p, m, self.num_models).copy_(state[name])
-
     # ---- building blocks: M = 1 runs the modules themselves, M > 1 their stacked weights --------------
 
     def _generator(self, m: int) -> torch.Generator | None:

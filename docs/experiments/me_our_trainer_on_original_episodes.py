@@ -2,9 +2,9 @@
 
     python docs/experiments/me_our_trainer_on_original_episodes.py generate SEED OUT [NUM_EPISODES]
         # writes our store OUT/ME: 10,000 training episodes (default) and 5 validation episodes
-    python cli.py verify --store OUT/ME
+    PYTHONPATH=docs/experiments python cli.py verify --store OUT/ME
     python docs/experiments/me_our_trainer_on_original_episodes.py train --store OUT/ME --seed K [train flags]
-        # `cli.py train`, with the verifier's tabu check switched off (as me_all_pairings.py does)
+        # `cli.py train`, with this script's folder importable (the store names its family)
 
 The original code (facebookresearch/meta_seq2seq) is imported at run time from $METASEQ2SEQ_ORIGINAL, else
 ../shared/original beside the repository; nothing of it is copied here. `generate` seeds Python's `random` (and
@@ -21,15 +21,16 @@ growing tabu set, then the training episodes from generate_episode_train with th
 generate_ME's queries are `list(set(...))`, an order that depends on string hashing: `generate` re-runs itself
 with PYTHONHASHSEED=0 so that the store's bytes are a function of SEED alone (which queries are drawn never
 depends on it).
-The store is written by pipeline.store.generate itself, with one patch inside this script: the sampler it asks
-for replays these episodes (validation, then training in index order; one worker). Its manifest holds our ME
-sampler's parameters plus "episodes_from", so that it never passes for a store of ours with the same seed.
-`python cli.py verify` passes on it (the original's tabu identifier is make_hashable of the pairing, sorted, so
-its training episodes avoid the validation pairings too; the `train` subcommand switches the check off anyway,
-as the issue planned).
+The store is written by pipeline.store.generate itself, as the store of an episode family of its own,
+`me_our_trainer_on_original_episodes:original_episodes` (pipeline/families.py), which replays these episodes
+(validation, then training in index order; one worker) instead of drawing from its generator. Its vocabulary is
+ME's, in ME's order, and its params are our ME sampler's plus "episodes_from", so that it never passes for a
+store of ours. `python cli.py verify` passes on it: the original's tabu identifier is make_hashable of the
+pairing, sorted, so its training episodes avoid the validation pairings too.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import random
 import sys
@@ -38,9 +39,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from pipeline import samplers, store, verify  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the family's module, by the name the store records
+from pipeline import families, samplers, store  # noqa: E402
 from references import load_original_train  # noqa: E402  ($METASEQ2SEQ_ORIGINAL, else ../shared/original)
 
+FAMILY = "me_our_trainer_on_original_episodes:original_episodes"
 NUM_EPISODES_VAL, MAX_TRY_NOVEL = 5, 100  # the constants of the original's __main__ block
 EPISODES_FROM = ("the original's generate_ME (random.seed(SEED)); "
                  "docs/experiments/me_our_trainer_on_original_episodes.py")
@@ -55,7 +58,7 @@ def load_original(folder: Path | None = None):
     return module
 
 
-def original_episodes(original, seed: int, num_episodes: int) -> tuple[list[dict], list[dict]]:
+def original_episodes_of(original, seed: int, num_episodes: int) -> tuple[list[dict], list[dict]]:
     """(validation samples, training samples) as the original's train.py draws them, after random.seed(seed)."""
     import numpy as np
     original.use_resconstruct_loss = False  # its support copies left off: see the module docstring
@@ -71,51 +74,43 @@ def original_episodes(original, seed: int, num_episodes: int) -> tuple[list[dict
 
 
 def to_episode(sample: dict) -> dict:
-    """One of the original's samples as the episode dict that our samplers return."""
+    """One of the original's samples as an episode of the family."""
     meaning = dict(line.split(" -> ") for line in sample["identifier"].split("\n"))
     words = [w for w in samplers.ME_INPUTS if w in meaning]
     if sorted(meaning) != sorted(samplers.ME_INPUTS) or sorted(meaning.values()) != sorted(samplers.ME_OUTPUTS):
         raise ValueError(f"not an ME pairing of our vocabulary: {sample['identifier']!r}")
     actions = [meaning[w] for w in words]
-    pairs = lambda xs, ys: [{"input": " ".join(x), "output": " ".join(y)} for x, y in zip(xs, ys)]  # noqa: E731
+    pairs = lambda xs, ys: [(" ".join(x), " ".join(y)) for x, y in zip(xs, ys)]  # noqa: E731
     if len(sample["xq"]) != 20 or any(x in sample["xs"] for x in sample["xq"]):
         raise ValueError("expected 20 queries without the support items (use_resconstruct_loss False)")
-    return {"identifier": samplers.pairing_identifier(words, actions), "mapping": samplers._mapping(words, actions),
+    return {"identifier": samplers.pairing_identifier(words, actions), "mapping": list(zip(words, actions)),
             "support": pairs(sample["xs"], sample["ys"]), "query": pairs(sample["xq"], sample["yq"])}
 
 
-class ReplaySampler(samplers.MESampler):
-    """Hands store.generate the converted episodes instead of sampling: validation as one list, training in
-    the order asked for (one worker writes the shards in index order)."""
+REPLAY: dict[str, list] = {"val": [], "train": []}  # filled by generate(), taken in order by the store's writer
 
-    def __init__(self, val: list[dict], train: list[dict]):
-        super().__init__()
-        self.params = {**self.params, "episodes_from": EPISODES_FROM}
-        self.val, self.train = val, iter(train)
 
-    def sample_validation(self, rng, n: int) -> list[dict]:
-        assert n == len(self.val)
-        return self.val
+def replay(rng, split: str) -> dict:
+    if not REPLAY[split]:
+        raise RuntimeError("this family replays the original's episodes that generate() loads; it draws none")
+    return REPLAY[split].pop(0)
 
-    def sample_train(self, rng, tabu) -> dict:
-        return next(self.train)
+
+original_episodes = families.EpisodeFamily(replay, samplers.ME_INPUTS, samplers.ME_OUTPUTS,
+                                           params={**samplers.MESampler().params, "episodes_from": EPISODES_FROM})
 
 
 def generate(seed: int, out: str, num_episodes: int = 10000, original=None) -> Path:
     original = original or load_original()
-    samples_val, samples_train = original_episodes(original, seed, num_episodes)
-    replay = ReplaySampler([to_episode(s) for s in samples_val], [to_episode(s) for s in samples_train])
-    get_sampler, store.get_sampler = store.get_sampler, lambda episode_type: replay
-    try:
-        return store.generate(store.GenerateConfig("ME", num_episodes=num_episodes, seed=seed, out=out,
-                                                   num_val_episodes=NUM_EPISODES_VAL, progress=False, workers=1))
-    finally:
-        store.get_sampler = get_sampler
+    samples_val, samples_train = original_episodes_of(original, seed, num_episodes)
+    family_module = importlib.import_module(FAMILY.partition(":")[0])  # the instance the store's writer loads
+    family_module.REPLAY.update(val=[to_episode(s) for s in samples_val], train=[to_episode(s) for s in samples_train])
+    return store.generate(store.GenerateConfig(FAMILY, num_episodes=num_episodes, seed=seed, store=str(Path(out) / "ME"),
+                                               num_val_episodes=NUM_EPISODES_VAL, progress=False, workers=1))
 
 
 def train(args: list[str]) -> int:
     import cli
-    verify._RecordChecker._identifier_problems = lambda self, split, identifier: []
     return cli.run_cli(cli.cli, ["train", *args])
 
 
