@@ -29,7 +29,7 @@ def episodes_by_group(val_ids: set[str], per_pairing: int) -> dict[str, list[dic
     for actions in itertools.permutations(ME_OUTPUTS):
         words = list(ME_INPUTS)
         group = "validation pairings" if pairing_identifier(words, list(actions)) in val_ids else "seen in training"
-        groups[group] += [sampler._episode(rng, words, list(actions), "val") for _ in range(per_pairing)]
+        groups[group] += sampler.sample_more_validation(rng, [(words, list(actions))], per_pairing)
     return groups
 
 
