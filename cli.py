@@ -327,6 +327,17 @@ def reproduce(experiments: str, seeds: str, variants: str, **kwargs) -> None:
     run_reproduce(cfg, say=lambda line: click.echo(line))
 
 
+@cli.command()
+@click.option("--out", required=True, help="A folder of runs, <experiment>/<variant>/seed<k>/ as reproduce writes.")
+def aggregate(out: str) -> None:
+    """Aggregate every evaluated run under OUT into OUT/results.{json,md,png}, training and evaluating nothing:
+    for runs of several reproduce commands or machines copied into one folder (run.json and eval/results.json
+    of each are enough)."""
+    from evalsuite.aggregate import aggregate_folder
+    summary = aggregate_folder(out)
+    click.echo(f"aggregate: {Path(out) / summary['paths']['md']} ({len(summary['runs'])} runs)")
+
+
 @cli.group()
 def scan() -> None:
     """SCAN (Lake & Baroni 2018), generated from its grammar."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from evalsuite.report import RESULTS_NAME
 from evalsuite.splits import PAPER_NUMBERS, SCAN_TEST_SPLITS, VALIDATION, type_splits
 from pipeline import provenance
+from pipeline.errors import UserError
 from pipeline.families import is_family_name
 from pipeline.samplers import EPISODE_TYPES
 from pipeline.shardio import write_bytes_atomically
@@ -107,6 +108,7 @@ def read_run(out: Path, run) -> dict:
         row["metrics"] = run_metrics(results)
         row["episodes"] = results["checkpoint"].get("episodes_done")
         row["trained_on"] = trained_on(results["checkpoint"].get("provenance") or {})
+        row["commit"] = ((results["checkpoint"].get("provenance") or {}).get("git_commit") or "")[:7] or None
     return row
 
 
@@ -221,7 +223,7 @@ def trained_on_line(rows: list[dict]) -> list[str]:
 
 
 def markdown_table(groups: list[dict], meta: dict) -> str:
-    lines = [f"Machine: {meta['provenance']['cpu']} · torch {meta['provenance']['torch']} · "
+    lines = [f"Aggregated on: {meta['provenance']['cpu']} · torch {meta['provenance']['torch']} · "
              f"commit {meta['provenance']['git_commit']}", *trained_on_line(meta["runs"]), "",
              "Accuracy in %: mean ± sd over seeds (n seeds finished). Paper: Lake (2019), as widely cited.", "",
              "| experiment | variant | val generalization | val retrieval | SCAN test split | test accuracy | paper | "
@@ -251,15 +253,15 @@ def per_run_table(rows: list[dict]) -> list[str]:
         return []
     lines = ["", "Per run:", "",
              "| experiment | variant | seed | val generalization | val retrieval | test accuracy | episodes | "
-             "train time | trained on |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "train time | trained on | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in done:
         split = scan_test_split(row["experiment"])
         cells = [row["metrics"].get(name) for name in (VAL_GENERALIZATION, VAL_RETRIEVAL, split)]
         numbers = ["-" if value is None else f"{value:.2f}" for value in cells]
         lines.append(f"| {row['experiment']} | {row['variant']} | {row['seed']} | {' | '.join(numbers)} | "
                      f"{row.get('episodes') or '-'} | {format_duration(row['train_seconds'])} | "
-                     f"{row.get('trained_on') or '-'} |")
+                     f"{row.get('trained_on') or '-'} | {row.get('commit') or '-'} |")
     return lines
 
 
@@ -278,6 +280,19 @@ def aggregate_grid(out: str | Path, runs: list[Run], grid_config: dict) -> dict:
     write_bytes_atomically(paths["md"], markdown_table(groups, summary).encode())
     plot_grid(groups, paths["png"])
     return summary
+
+
+def aggregate_folder(out: str | Path) -> dict:
+    """The aggregate of every run under OUT, whatever grids trained them: runs of several `reproduce` commands,
+    folders or machines, copied into one folder, make one table. Each run needs only its small files (run.json
+    and eval/results.json), not its checkpoint; nothing is trained or evaluated."""
+    out = Path(out)
+    if not out.is_dir():
+        raise UserError(f"no folder {out}")
+    runs = runs_in(out)
+    if not runs:
+        raise UserError(f"no run under {out}: a run is a folder <experiment>/<variant>/seed<k>/ with its {RUN_RECORD}")
+    return aggregate_grid(out, runs, {"out": str(out)})
 
 
 def plot_grid(groups: list[dict], path: Path) -> None:

@@ -130,6 +130,44 @@ def test_the_aggregate_equals_a_hand_computation(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
+def test_aggregate_makes_one_table_of_runs_trained_into_other_folders(tmp_path, capsys, monkeypatch):
+    """Runs trained by two grids, their small files copied into one folder (no checkpoint), make one table with
+    `cli.py aggregate`, each run's row with the commit it trained at."""
+    from cli import cli, run_cli
+    out = tmp_path / "table"
+    for seed, jump in ((0, 99.0), (1, 97.0)):
+        write_fake_run(out, Run("scan_prim_permutation", "full", seed), "done", {
+            "validation": {"generalization": 90.0, "retrieval": 100.0}, "addprim_jump": {"accuracy": jump}})
+    results = out / "scan_prim_permutation/full/seed1/eval/results.json"
+    report = json.loads(results.read_text())
+    report["checkpoint"]["provenance"] = {"git_commit": "c857bf4dfd141f3b", "device": "cpu", "cpu": "AMD EPYC"}
+    results.write_text(json.dumps(report))
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "cli.py"), "aggregate", "--out", str(out)])
+    assert run_cli(cli, sys.argv[1:]) == 0
+    assert capsys.readouterr().out == f"aggregate: {out / 'results.md'} (2 runs)\n"
+    summary = assert_no_machine_folder(out)
+    (perm,) = summary["groups"]
+    assert perm["metrics"]["addprim_jump"]["mean"] == pytest.approx(98.0) and perm["finished"] == 2
+    assert summary["provenance"]["command"] == "cli.py aggregate --out ." and summary["grid"] == {"out": "."}
+    assert "| scan_prim_permutation | full | 1 | 90.00 | 100.00 | 97.00 | 100 | 2m00s | cpu (AMD EPYC) | c857bf4 |" in (
+        out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: None, "error: no folder "),
+    (lambda path: (path / "ME/full/seed0").mkdir(parents=True), "error: no run under "),
+])
+def test_aggregate_of_a_folder_without_runs_is_one_line(tmp_path, capsys, make, message):
+    from cli import cli, run_cli
+    out = tmp_path / "runs"
+    make(out)
+    assert run_cli(cli, ["aggregate", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(message), err
+    assert not (out / "results.json").exists()
+
+
 def strings_in(value) -> list[str]:
     """Every string value in a JSON document, however deep."""
     if isinstance(value, dict):
@@ -183,6 +221,22 @@ def test_a_run_error_names_paths_relative_to_the_grid_folder_however_out_was_giv
             assert without_folders(message.format(written, written), given) == (
                 "interrupted: saved ME/full/seed0/net_ME.pt; old_runs/ME and x")
     assert without_folders("error: nested/runs/ME is not a store", "runs") == "error: nested/runs/ME is not a store"
+
+
+@pytest.mark.slow
+def test_aggregate_of_a_grid_s_small_files_equals_the_grid_s_own(tiny_grid, tmp_path):
+    """`cli.py aggregate` on copies of run.json and eval/results.json alone gives reproduce's table."""
+    out, _ = tiny_grid
+    copy = tmp_path / "copy"
+    for path in [*out.glob("*/*/seed*/run.json"), *out.glob("*/*/seed*/eval/results.json")]:
+        (copy / path.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+        (copy / path.relative_to(out)).write_bytes(path.read_bytes())
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "aggregate", "--out", str(copy)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    grid, copied = json.loads((out / "results.json").read_text()), json.loads((copy / "results.json").read_text())
+    assert copied["groups"] == grid["groups"] and copied["runs"] == grid["runs"]
+    assert (copy / "results.md").read_text().split("\n", 2)[2] == (out / "results.md").read_text().split("\n", 2)[2]
 
 
 @pytest.mark.slow
