@@ -107,8 +107,9 @@ def read_run(out: Path, run) -> dict:
         results = json.loads(results_path.read_text())
         row["metrics"] = run_metrics(results)
         row["episodes"] = results["checkpoint"].get("episodes_done")
-        row["trained_on"] = trained_on(results["checkpoint"].get("provenance") or {})
-        row["commit"] = ((results["checkpoint"].get("provenance") or {}).get("git_commit") or "")[:7] or None
+        origin = results["checkpoint"].get("provenance") or {}
+        row["trained_on"] = trained_on(origin)
+        row["commit"] = (origin.get("git_commit") or "")[:7] or None  # the short hash
     return row
 
 
@@ -291,7 +292,8 @@ def aggregate_folder(out: str | Path) -> dict:
         raise UserError(f"no folder {out}")
     runs = runs_in(out)
     if not runs:
-        raise UserError(f"no run under {out}: a run is a folder <experiment>/<variant>/seed<k>/ with its {RUN_RECORD}")
+        raise UserError(f"no run under {out}: a run is a folder <experiment>/<variant>/seed<k>/ with its "
+                        f"{RUN_RECORD}")
     return aggregate_grid(out, runs, {"out": str(out)})
 
 
