@@ -1,6 +1,6 @@
 """Issue 23: the new default's table against the earlier default's, row by row.
 
-    python docs/experiments/compare_tables.py docs/results.json docs/runs_table/results.json
+    python docs/experiments/compare_tables.py docs/results_earlier_default.json docs/results.json
 
 Each argument is an aggregate that `cli.py reproduce` or `cli.py aggregate` wrote (results.json). For every
 (experiment, variant) in both and every metric of that row, it prints both rows' mean ± sd over seeds and the
@@ -13,28 +13,28 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import warnings
+from pathlib import Path
 
 from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from evalsuite.aggregate import format_stat, summarize  # noqa: E402
 
 
 def seed_values(group: dict, metric: str) -> list[float]:
     return [v for v in group["metrics"][metric]["values"].values() if v is not None]
 
 
-def describe(values: list[float]) -> str:
-    sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-    return f"{statistics.fmean(values):.2f}{sd} (n={len(values)})"
-
-
 def p_values(before: list[float], after: list[float]) -> str:
     if min(len(before), len(after)) < 2:
         return "-"
-    with warnings.catch_warnings():  # identical seeds on both sides: no spread, which nan says below
+    with warnings.catch_warnings():  # identical seeds on both sides have no spread: Welch's p is nan
         warnings.simplefilter("ignore", RuntimeWarning)
         welch = stats.ttest_ind(before, after, equal_var=False).pvalue
     mann_whitney = stats.mannwhitneyu(before, after, alternative="two-sided").pvalue
-    welch_text = "-" if math.isnan(welch) else f"{welch:.2f}"  # nan: no spread on either side
+    welch_text = "-" if math.isnan(welch) else f"{welch:.2f}"
     return f"Welch p = {welch_text}, Mann-Whitney p = {mann_whitney:.2f}"
 
 
@@ -56,9 +56,10 @@ def compare(earlier: dict, new: dict) -> list[str]:
         for metric in group["metrics"]:
             before, after = seed_values(before_group, metric), seed_values(group, metric)
             if before and after:
-                lines.append(f"{group['experiment']} {group['variant']} {metric}: earlier {describe(before)}, "
-                             f"new {describe(after)} {[round(v, 2) for v in after]}; within one sd: {within_one_sd(before, after)}; "
-                             f"{p_values(before, after)}")
+                seeds = [round(v, 2) for v in after]
+                lines.append(f"{group['experiment']} {group['variant']} {metric}: "
+                             f"earlier {format_stat(summarize(before))}, new {format_stat(summarize(after))} {seeds}; "
+                             f"within one sd: {within_one_sd(before, after)}; {p_values(before, after)}")
     return lines
 
 
