@@ -88,7 +88,7 @@ def test_each_model_draws_the_dropout_masks_of_its_single_run():
     # The same weights and episodes in every model: only the masks differ, and so do the losses.
     same = stack_models([models[0]] * 3).train()
     same.generators = [torch.Generator().manual_seed(7 + m) for m in range(3)]
-    losses = same.loss(batch_of(episodes[:1] * 3))
+    losses = same.loss(batch_of(episodes[:1] * 3)).detach()
     assert len({round(float(x), 6) for x in losses}) == 3
 
 
