@@ -49,3 +49,22 @@ def test_separated_arms_give_the_exact_p_values_and_the_table(me_arms, tmp_path,
     assert "| first 100% | 1,000 | 1,100 | 1,200 | 1,300 | 1,400 |" in out
     assert "| 5,000 | 60 | 60 | 60 | 60 | 60 |" in out  # the original's log lines, arm S's table
     assert "| first 100% | 7,000 | 7,100 | 7,200 | 7,300 | 7,400 |" in out
+
+
+def test_a_lower_target_counts_a_run_that_never_reaches_100(me_arms, tmp_path, capsys):
+    for seed in range(3):  # ours: 95% from 4000 on, never 100; the original's: never above 85
+        write_ours(tmp_path / "ours" / f"seed{seed}" / "m.jsonl", {1000: 15.0, 4000: 95.0, 10000: 99.0})
+        write_original(tmp_path / f"orig{seed}.log", {1000: 15.0, 4000: 85.0, 10000: 85.0})
+    assert me_arms.main([f"N={tmp_path}/ours/seed*/m.jsonl", f"O={tmp_path}/orig*.log", "--target", "90",
+                         "--at", "4000", "--table"]) == 0
+    out = capsys.readouterr().out
+    # 3 of 3 against 0 of 3: Fisher's exact test gives 2 / C(6, 3) = 0.1. Mann-Whitney sees two tied groups, so
+    # scipy takes the tie-corrected normal approximation: U = 9, mean 4.5, variance 9/12 * (7 - 48/30) = 4.05,
+    # z = (9 - 4.5 - 0.5) / sqrt(4.05) = 1.988 with the continuity correction, two-sided p = 0.0469.
+    assert ("N vs O: first 90% by 5000: 3/3 vs 0/3, Fisher p = 0.1; Mann-Whitney on the first-90% episode "
+            "p = 0.0469") in out
+    assert "| 4,000 | **95** | **95** | **95** |" in out
+    assert "| first 90% | 4,000 | 4,000 | 4,000 |" in out
+    assert "reach 90%: 0 of 3" in out
+    assert me_arms.main([f"N={tmp_path}/ours/seed*/m.jsonl", "--at", "4000", "--table"]) == 0
+    assert "| first 100% | never | never | never |" in capsys.readouterr().out  # the default target is 100

@@ -1,10 +1,10 @@
-"""Issue 15: compare ME arms on where each run first reaches 100% validation generalization.
+"""Issue 15: compare ME arms on where each run first reaches 100% validation generalization (or --target).
 
     python docs/experiments/me_arms.py \\
         A='docs/experiments/logs/original_ME_run*.log' B='runs/cross/B/seed*.log' \\
         C='runs/cross/C/seed*/net_ME.metrics.jsonl' D='runs/ME/full/seed*/net_ME.metrics.jsonl' \\
         [--earlier A=3600,4400,never] [--decay 5000] [--horizon 10000] [--pairs A:D,B:D,C:D]
-        [--at 2000,5000,10000 [--table]]
+        [--at 2000,5000,10000 [--table]] [--target 90]
 
 Each arm is a glob of run logs, in either form:
   the original's log lines, "... (EPISODE NN% finished) ... ValAccGeneralize: X" (arm A, and arm B's adapter);
@@ -15,7 +15,8 @@ Per run it reports the episode of first 100% validation generalization, whether 
 and validation generalization at the decay. Per pair of arms: a two-sided Mann-Whitney U test on the episode of
 first 100%, counting only episodes up to --horizon and "never" as later than any of them; and Fisher's exact
 test on the count at or before the decay. Arms of 5,000-episode runs (B and C) are compared with --horizon 5000,
-which cuts every arm at the decay.
+which cuts every arm at the decay. --target sets the accuracy that counts as reached (100 for ME; 90 for a SCAN
+run leaving its loss plateau); "first 100%" then reads "first 90%".
 """
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ class Run:
     curve: dict[int, float]  # episode -> validation generalization (%)
     first_full: int | None = None  # set for --earlier runs without a curve
 
-    def first_100(self) -> int | None:
+    def first_reaching(self, target: float) -> int | None:
         if not self.curve:
             return self.first_full
-        return next((ep for ep in sorted(self.curve) if ep > 1 and self.curve[ep] >= 100.0), None)
+        return next((ep for ep in sorted(self.curve) if ep > 1 and self.curve[ep] >= target), None)
 
     def at(self, episode: int) -> float | None:
         return self.curve.get(episode)
@@ -68,16 +69,16 @@ def earlier_runs(values: str) -> list[Run]:
             for i, v in enumerate(values.split(","), 1)]
 
 
-def first_or_never(run: Run, never: int) -> int:
-    first = run.first_100()
+def first_or_never(run: Run, never: int, target: float) -> int:
+    first = run.first_reaching(target)
     return never if first is None or first >= never else first
 
 
-def compare(a: list[Run], b: list[Run], decay: int, horizon: int) -> dict:
+def compare(a: list[Run], b: list[Run], decay: int, horizon: int, target: float = 100.0) -> dict:
     from scipy.stats import fisher_exact, mannwhitneyu
     never = horizon + 1
-    first_a = [first_or_never(r, never) for r in a]
-    first_b = [first_or_never(r, never) for r in b]
+    first_a = [first_or_never(r, never, target) for r in a]
+    first_b = [first_or_never(r, never, target) for r in b]
     pre_a = sum(f <= decay for f in first_a)
     pre_b = sum(f <= decay for f in first_b)
     mw = mannwhitneyu(first_a, first_b, alternative="two-sided")
@@ -86,30 +87,31 @@ def compare(a: list[Run], b: list[Run], decay: int, horizon: int) -> dict:
             "fisher_p": float(fisher.pvalue)}
 
 
-def describe(arm: str, runs: list[Run], decay: int, horizon: int) -> list[str]:
+def describe(arm: str, runs: list[Run], decay: int, horizon: int, target: float = 100.0) -> list[str]:
     lines = [f"## arm {arm}: {len(runs)} runs"]
     for run in runs:
-        first, last = run.first_100(), max(run.curve, default=None)
+        first, last = run.first_reaching(target), max(run.curve, default=None)
         at_decay = run.at(decay)
-        lines.append(f"  {run.name}: first 100% at {first if first is not None else 'never'}"
+        lines.append(f"  {run.name}: first {target:g}% at {first if first is not None else 'never'}"
                      f"{' (before the decay)' if first is not None and first <= decay else ''}"
                      f"; at {decay}: {'-' if at_decay is None else f'{at_decay:.0f}'}"
                      f"{f'; logged to {last}' if last is not None and last < horizon else ''}")
-    firsts = sorted(r.first_100() for r in runs if r.first_100() is not None)
+    firsts = sorted(f for f in (r.first_reaching(target) for r in runs) if f is not None)
     pre = sum(f <= decay for f in firsts)
-    lines.append(f"  reach 100%: {len(firsts)} of {len(runs)}; at or before {decay}: {pre} of {len(runs)}; "
+    lines.append(f"  reach {target:g}%: {len(firsts)} of {len(runs)}; at or before {decay}: {pre} of {len(runs)}; "
                  f"episodes {firsts}")
     return lines
 
 
-def seed_table(runs: list[Run], episodes: list[int]) -> list[str]:
-    """A markdown table: a column per run (its seed, from the path), a row per episode of --at, then first 100%."""
+def seed_table(runs: list[Run], episodes: list[int], target: float = 100.0) -> list[str]:
+    """A markdown table: a column per run (its seed, from the path), a row per episode of --at, then the first
+    episode at --target."""
     seeds = [(re.findall(r"seed(\d+)", r.name) or [str(i)])[-1] for i, r in enumerate(runs)]
-    cell = lambda v: "-" if v is None else ("**100**" if v >= 100 else f"{v:.0f}")  # noqa: E731
+    cell = lambda v: "-" if v is None else (f"**{v:.0f}**" if v >= target else f"{v:.0f}")  # noqa: E731
     lines = ["| seed | " + " | ".join(seeds) + " |", "|---|" + "---|" * len(runs)]
     lines += [f"| {ep:,} | " + " | ".join(cell(r.at(ep)) for r in runs) + " |" for ep in episodes]
-    firsts = [r.first_100() for r in runs]
-    lines.append("| first 100% | " + " | ".join("never" if f is None else f"{f:,}" for f in firsts) + " |")
+    firsts = [r.first_reaching(target) for r in runs]
+    lines.append(f"| first {target:g}% | " + " | ".join("never" if f is None else f"{f:,}" for f in firsts) + " |")
     return lines
 
 
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--at", default="", help="EP,EP,...: also each arm's median validation generalization there")
     parser.add_argument("--pairs", default=None, help="NAME:NAME,... to test (default: every pair)")
     parser.add_argument("--table", action="store_true", help="also each arm's runs as a markdown table at --at")
+    parser.add_argument("--target", type=float, default=100.0, help="the validation generalization that counts")
     args = parser.parse_intermixed_args(argv)
     arms = {}
     for spec in args.arms:
@@ -137,21 +140,22 @@ def main(argv: list[str] | None = None) -> int:
             run.curve = {ep: acc for ep, acc in run.curve.items() if ep <= args.horizon}
             run.first_full = run.first_full if run.first_full and run.first_full <= args.horizon else None
     for name, runs in arms.items():
-        print("\n".join(describe(name, runs, args.decay, args.horizon)))
+        print("\n".join(describe(name, runs, args.decay, args.horizon, args.target)))
         for episode in [int(e) for e in args.at.split(",") if e]:
             values = [r.at(episode) for r in runs if r.at(episode) is not None]
             if values:
                 print(f"  at {episode}: median {statistics.median(values):.1f} over {len(values)} runs")
         if args.table:
-            print("\n".join(seed_table(runs, [int(e) for e in args.at.split(",") if e])))
+            print("\n".join(seed_table(runs, [int(e) for e in args.at.split(",") if e], args.target)))
     names = list(arms)
     pairs = ([tuple(p.split(":")) for p in args.pairs.split(",")] if args.pairs else
              [(a, b) for i, a in enumerate(names) for b in names[i + 1:]])
     for a, b in pairs:
-        result = compare(arms[a], arms[b], args.decay, args.horizon)
+        result = compare(arms[a], arms[b], args.decay, args.horizon, args.target)
         pa, na, pb, nb = result["pre_decay"]
-        print(f"{a} vs {b}: first 100% by {args.decay}: {pa}/{na} vs {pb}/{nb}, Fisher p = {result['fisher_p']:.3g}; "
-              f"Mann-Whitney on the first-100% episode p = {result['mann_whitney_p']:.3g}")
+        print(f"{a} vs {b}: first {args.target:g}% by {args.decay}: {pa}/{na} vs {pb}/{nb}, "
+              f"Fisher p = {result['fisher_p']:.3g}; "
+              f"Mann-Whitney on the first-{args.target:g}% episode p = {result['mann_whitney_p']:.3g}")
     return 0
 
 
