@@ -1,6 +1,8 @@
 """Fixtures shared by several test files."""
+import importlib.util
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def load_lab_script():
+    """Loads a lab script of docs/experiments/ as a module, registered in sys.modules (a dataclass in it
+    resolves its annotations through there); the caller removes it with sys.modules.pop(name)."""
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "docs" / "experiments" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    return load

@@ -1,7 +1,6 @@
 """docs/experiments/me_arms.py (the ME recipe comparisons) on run logs written here, against values worked by hand."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,13 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def me_arms():
-    spec = importlib.util.spec_from_file_location("me_arms", ROOT / "docs" / "experiments" / "me_arms.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["me_arms"] = module  # its dataclass resolves its annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["me_arms"]
+def me_arms(load_lab_script):
+    yield load_lab_script("me_arms")
+    sys.modules.pop("me_arms")
 
 
 def write_ours(path: Path, curve: dict[int, float]) -> None:

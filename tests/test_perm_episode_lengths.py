@@ -1,22 +1,16 @@
 """docs/experiments/perm_episode_lengths.py: its statistics by hand, and our sampler beside the original's."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import sys
 
 import pytest
 
 pytestmark = pytest.mark.lab  # a lab script of docs/experiments/, apart from the product's suite
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
-def lengths():
-    spec = importlib.util.spec_from_file_location("perm_lengths", ROOT / "docs" / "experiments" / "perm_episode_lengths.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def lengths(load_lab_script):
+    yield load_lab_script("perm_episode_lengths")
+    sys.modules.pop("perm_episode_lengths")
 
 
 def test_length_stats_by_hand(lengths):
