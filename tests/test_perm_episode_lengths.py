@@ -7,6 +7,7 @@ import pytest
 
 pytestmark = pytest.mark.lab  # a lab script of docs/experiments/, apart from the product's suite
 
+
 @pytest.fixture(scope="module")
 def lengths(load_lab_script):
     yield load_lab_script("perm_episode_lengths")
@@ -21,8 +22,8 @@ def test_length_stats_by_hand(lengths):
 
 
 def test_our_lengths_are_the_originals(lengths):
-    if not lengths.ORIGINAL.is_dir():
-        pytest.skip(f"the original code is absent: {lengths.ORIGINAL} (../shared/original)")
+    if not lengths.original_available():
+        pytest.skip(lengths.original_missing())
     ours, theirs = lengths.length_stats(lengths.our_episodes(300)), lengths.length_stats(lengths.original_episodes(300))
     # Both samplers are seeded, so this is deterministic; 6,000 queries a side agree within a tenth of an sd.
     for side in ("query in", "query out"):
