@@ -81,3 +81,28 @@ def test_c_store_holds_the_originals_episodes_and_b_rebuilds_its_samples(adapter
                 assert rebuilt[key] == sample[key], key
             for key in ("xs_padded", "ys_padded", "xq_padded", "yq_padded"):
                 assert torch.equal(rebuilt[key], sample[key]), key
+
+
+def test_b_reads_a_perm_store_with_the_originals_perm_languages(adapters, tmp_path, monkeypatch):
+    """Arm B on scan_prim_permutation (issue 23): our records become the original's samples with its SCAN Langs,
+    20 support items appended to the 20 queries, and its tabu identifier of the record's pairing."""
+    from pipeline.manifest import load_manifest
+    from pipeline.store import GenerateConfig, generate
+    b, _, original = adapters
+    store = generate(GenerateConfig("scan_prim_permutation", num_episodes=3, out=str(tmp_path), workers=1,
+                                    progress=False))
+    monkeypatch.chdir(original_dir())  # its SCAN loader reads data/ there
+    _, _, input_lang, output_lang = original.get_episode_generator("scan_prim_permutation")
+    manifest = load_manifest(store)
+    b.check_vocab(manifest, input_lang, output_lang)  # passes: the same 13 words and 6 actions
+    _, _, me_input, me_output = original.get_episode_generator("ME")
+    with pytest.raises(SystemExit, match="not the original's"):
+        b.check_vocab(manifest, me_input, me_output)
+    original.use_resconstruct_loss = True
+    for record in read_records(shard_paths(store, "train")):
+        sample = b.to_sample(original, record, input_lang, output_lang)
+        assert sample["xs"] == [s["input"].split() for s in record["support"]] and len(sample["xs"]) == 20
+        assert sample["xq"] == [q["input"].split() for q in record["query"] + record["support"]]
+        assert sample["yq"] == [q["output"].split() for q in record["query"] + record["support"]]
+        pairing = "\n".join(f"{w} -> {a}" for w, a in reversed([(m["src"], m["tgt"]) for m in record["mapping"]]))
+        assert sample["identifier"] == original.make_hashable(pairing)  # as generate_prim_permutation names it

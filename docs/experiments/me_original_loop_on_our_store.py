@@ -1,4 +1,4 @@
-"""Issue 15, arm B: the original's ME training loop on OUR stored episodes.
+"""Issue 15, arm B: the original's training loop on OUR stored episodes (ME; issue 23 ran it on perm stores).
 
     python docs/experiments/me_original_loop_on_our_store.py --store runs/stores/seedK/ME --stream_seed K \\
         [--seed K] [--num_episodes 10000] [--log runs/cross_B/seedK.log]
@@ -13,11 +13,12 @@ Adams are built anew (their moments start from zero). Dropout stays unseeded unl
 torch, random and numpy are seeded once, before the networks are built). It runs on the GPU where one is
 visible, as the original does (CUDA_VISIBLE_DEVICES= keeps it on the CPU). It saves no checkpoint.
 
-Only the episodes change: instead of `generate_ME`, each episode is a record of our store, made into the
-original's `build_sample(...)` dict with the original's own Lang objects (get_episode_generator('ME')):
-  xs, ys = the record's support inputs/outputs, split on spaces (3 items);
-  xq, yq = the record's 20 queries, then the 3 support items again (generate_ME's inc_support_in_query, on
-           because the original's default keeps the reconstruction loss);
+Only the episodes change: instead of its generator (`generate_ME`, `generate_prim_permutation`, ...), each
+episode is a record of our store, made into the original's `build_sample(...)` dict with the original's own Lang
+objects (get_episode_generator(the store's episode type); the store's symbols must be the original's):
+  xs, ys = the record's support inputs/outputs, split on spaces (ME: 3 items; perm: 20);
+  xq, yq = the record's 20 queries, then the support items again (inc_support_in_query, on because the
+           original's default keeps the reconstruction loss);
   identifier = make_hashable of the record's full pairing written as "word -> ACTION" lines.
 Training records come in the order that `cli.py train --store S --seed K` streams them (--stream_seed K:
 trainer.data.StreamConfig(batch_size=1, seed=K) + make_loader, the same order as its default of one loader
@@ -61,10 +62,9 @@ def load_original(folder: Path):
 def check_vocab(manifest: dict, input_lang, output_lang) -> None:
     ours = [t for t in manifest["input_vocab"] if t not in SPECIAL_TOKENS], \
            [t for t in manifest["output_vocab"] if t not in SPECIAL_TOKENS]
-    if manifest["episode_type"] != "ME" or (set(ours[0]), set(ours[1])) != (set(input_lang.symbols),
-                                                                            set(output_lang.symbols)):
-        sys.exit(f"not an ME store with the original's symbols {input_lang.symbols} / {output_lang.symbols}: "
-                 f"{manifest['episode_type']} {ours}")
+    if (set(ours[0]), set(ours[1])) != (set(input_lang.symbols), set(output_lang.symbols)):
+        sys.exit(f"the store's symbols are not the original's {input_lang.symbols} / {output_lang.symbols} for "
+                 f"{manifest['episode_type']}: {ours}")
 
 
 def to_sample(original, record: dict, input_lang, output_lang) -> dict:
@@ -107,10 +107,10 @@ class Tee:
 
 
 def run(original, store: Path, num_episodes: int, stream_seed: int) -> None:
-    """The original's __main__ flow for a new ME network, with episodes from `store`."""
+    """The original's __main__ flow for a new network of the store's episode type, with episodes from `store`."""
     import torch.optim as optim
-    _, _, input_lang, output_lang = original.get_episode_generator("ME")
     manifest = load_manifest(store)
+    _, _, input_lang, output_lang = original.get_episode_generator(manifest["episode_type"])
     check_vocab(manifest, input_lang, output_lang)
     records = training_records(store, stream_seed)
     if len(records) < num_episodes:
@@ -118,7 +118,7 @@ def run(original, store: Path, num_episodes: int, stream_seed: int) -> None:
     from trainer.data import read_records
     samples_val = [to_sample(original, r, input_lang, output_lang) for r in read_records(shard_paths(store, "val"))]
     order = "store order" if stream_seed < 0 else f"our loader order, seed {stream_seed}"
-    print(f"Training the original's ME network on {store} ({order}) for {num_episodes} episodes, "
+    print(f"Training the original's {manifest['episode_type']} network on {store} ({order}) for {num_episodes} episodes, "
           f"{len(samples_val)} validation episodes, on {'GPU' if original.USE_CUDA else 'CPU'}")
 
     encoder = original.MetaNetRNN(EMB_SIZE, input_lang.n_symbols, output_lang.n_symbols, NLAYERS, DROPOUT)
@@ -159,7 +159,7 @@ def run(original, store: Path, num_episodes: int, stream_seed: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--store", required=True, help="one of our ME stores, e.g. shards/ME")
+    parser.add_argument("--store", required=True, help="one of our stores, e.g. shards/ME")
     parser.add_argument("--num_episodes", type=int, default=10000)
     parser.add_argument("--stream_seed", type=int, default=0,
                         help="episode order of `cli.py train --seed K`; -1: store order")
