@@ -6,7 +6,7 @@
         [--earlier A=3600,4400,never] [--decay 5000] [--horizon 10000] [--pairs A:D,B:D,C:D]
         [--at 2000,5000,10000 [--table]] [--target 90]
 
-Each arm is a glob of run logs, in either form:
+Each arm is a glob of run logs (or several, separated by commas), in either form:
   the original's log lines, "... (EPISODE NN% finished) ... ValAccGeneralize: X" (arm A, and arm B's adapter);
   our metrics log, one JSON object a line with "episodes" and "val_generalization" (arms C and D).
 --earlier adds runs whose logs were not kept, as their first-100% episodes ("never" for none).
@@ -59,8 +59,10 @@ def read_curve(path: Path) -> dict[int, float]:
     return curve
 
 
-def load_arm(pattern: str) -> list[Run]:
-    paths = sorted(glob.glob(pattern), key=lambda p: [int(n) for n in re.findall(r"\d+", p)] or [0])
+def load_arm(patterns: str) -> list[Run]:
+    """The runs of one or more comma-separated globs, each glob's files in numeric order."""
+    paths = [p for pattern in patterns.split(",")
+             for p in sorted(glob.glob(pattern), key=lambda p: [int(n) for n in re.findall(r"\d+", p)] or [0])]
     return [Run(p, read_curve(Path(p))) for p in paths]
 
 
