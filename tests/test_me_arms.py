@@ -63,3 +63,12 @@ def test_a_lower_target_counts_a_run_that_never_reaches_100(me_arms, tmp_path, c
     assert "reach 90%: 0 of 3" in out
     assert me_arms.main([f"N={tmp_path}/ours/seed*/m.jsonl", "--at", "4000", "--table"]) == 0
     assert "| first 100% | never | never | never |" in capsys.readouterr().out  # the default target is 100
+
+
+def test_an_arm_of_several_globs_holds_the_runs_of_each(me_arms, tmp_path):
+    write_ours(tmp_path / "ours" / "seed1" / "m.jsonl", {1000: 100.0})
+    write_original(tmp_path / "a2.log", {2000: 100.0})
+    write_original(tmp_path / "a10.log", {3000: 100.0})
+    runs = me_arms.load_arm(f"{tmp_path}/a*.log,{tmp_path}/ours/seed*/m.jsonl,{tmp_path}/none*.log")
+    assert [Path(r.name).name for r in runs] == ["a2.log", "a10.log", "m.jsonl"]  # numeric order within a glob
+    assert [max(r.curve) for r in runs] == [2000, 3000, 1000]
