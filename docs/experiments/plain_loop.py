@@ -26,38 +26,31 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import me_original_loop_on_our_store as arm_b  # noqa: E402  (the loader order; the original's settings and networks)
 from pipeline.manifest import load_manifest  # noqa: E402
 from pipeline.store import shard_paths  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import StreamConfig, Tokenizer, collate_episodes, make_loader, read_records  # noqa: E402
+from trainer.data import Tokenizer, collate_episodes, read_records  # noqa: E402
 from trainer.model import MetaSeq2Seq, ModelConfig  # noqa: E402
 from trainer.step import validate  # noqa: E402
 
-LR, CLIP, VAL_EVERY = 1e-3, 50.0, 100
-
-
-def training_order(store: str, tokenizer: Tokenizer, stream_seed: int) -> list[dict]:
-    stream = StreamConfig(shards=tuple(str(p) for p in shard_paths(store, "train")), batch_size=1,
-                          tokenizer=tokenizer, seed=stream_seed, workers=0)
-    by_key = {r["__key__"]: r for r in read_records(shard_paths(store, "train"))}
-    return [by_key[key] for keys, _ in make_loader(stream) for key in keys]
+VAL_EVERY = 100
 
 
 def load_originals_networks(episode_type: str, seed: int, tokenizer: Tokenizer, model: MetaSeq2Seq) -> None:
-    """Copy into `model` the original's initial networks after torch.manual_seed(seed)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from references import load_original_train, original_dir
+    """Copy into `model` the original's initial networks after torch.manual_seed(seed), built as arm B builds them."""
     from evalsuite.original_checkpoint import VocabMap, copy_original_weights, original_named
     here = os.getcwd()
-    os.chdir(original_dir())  # its SCAN loader reads data/ there
     try:
-        original = load_original_train(original_dir(), keep_on_path=True)
+        original = arm_b.load_original(arm_b.original_dir())  # chdir's into its folder: its SCAN loader reads data/
         _, _, input_lang, output_lang = original.get_episode_generator(episode_type)
     finally:
         os.chdir(here)
     torch.manual_seed(seed)
-    encoder = original.MetaNetRNN(200, input_lang.n_symbols, output_lang.n_symbols, 2, 0.5)
-    decoder = original.AttnDecoderRNN(200, output_lang.n_symbols, 2, 0.5)
+    encoder = original.MetaNetRNN(arm_b.EMB_SIZE, input_lang.n_symbols, output_lang.n_symbols, arm_b.NLAYERS,
+                                  arm_b.DROPOUT)
+    decoder = original.AttnDecoderRNN(arm_b.EMB_SIZE, output_lang.n_symbols, arm_b.NLAYERS, arm_b.DROPOUT)
     copy_original_weights(original_named(encoder.named_parameters(), decoder.named_parameters()), model,
                           VocabMap.between(input_lang.symbols, output_lang.symbols, tokenizer))
 
@@ -66,12 +59,12 @@ def train(store: str, stream_seed: int, seed: int, num_episodes: int, fused: boo
           original_init: int | None = None, log=print) -> MetaSeq2Seq:
     manifest = load_manifest(store)
     tokenizer = Tokenizer(tuple(manifest["input_vocab"]), tuple(manifest["output_vocab"]))
-    order, val = training_order(store, tokenizer, stream_seed), read_records(shard_paths(store, "val"))
+    order, val = arm_b.training_records(Path(store), stream_seed), read_records(shard_paths(store, "val"))
     torch.manual_seed(seed)
     model = MetaSeq2Seq(ModelConfig(len(tokenizer.input_vocab), len(tokenizer.output_vocab)))
     if original_init is not None:
         load_originals_networks(manifest["episode_type"], original_init, tokenizer, model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR, fused=fused)
+    optimizer = torch.optim.Adam(model.parameters(), lr=arm_b.LR, fused=fused)
     cfg = TrainConfig(episode_type=manifest["episode_type"], store=store)
     total, count, start = 0.0, 0, time.time()
     for episode, record in enumerate(order[:num_episodes], 1):
@@ -79,7 +72,7 @@ def train(store: str, stream_seed: int, seed: int, num_episodes: int, fused: boo
         model.train()
         loss = model.loss(collate_episodes([record], tokenizer, support_as_queries=True))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), arm_b.CLIP)
         optimizer.step()
         total, count = total + loss.item(), count + 1
         if episode == 1 or episode % VAL_EVERY == 0:
